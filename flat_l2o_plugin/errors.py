@@ -1,0 +1,54 @@
+"""The exceptions raised by flat-l2o-plugin.
+
+Every error the package raises on purpose is a :class:`FlatL2OError`, so a host can
+catch one class. Each message names what is wrong (plugin, component, field or file)
+and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FlatL2OError",
+    "PluginLoadError",
+    "PluginValidationError",
+    "PluginHookError",
+    "DuplicateComponentError",
+    "UnknownComponentError",
+    "ConfigError",
+    "PluginLoadWarning",
+]
+
+
+class FlatL2OError(Exception):
+    """Base class of every error raised by flat-l2o-plugin."""
+
+
+class PluginLoadError(FlatL2OError):
+    """An entry-point plugin failed to import or to register (raised in strict mode)."""
+
+
+class PluginValidationError(FlatL2OError):
+    """A plugin implements a hook that does not exist, or with arguments the spec lacks."""
+
+
+class PluginHookError(FlatL2OError):
+    """A plugin raised inside a hook; the message names the plugin and the hook."""
+
+
+class DuplicateComponentError(FlatL2OError):
+    """Two plugins registered a component of the same kind under the same name."""
+
+
+class UnknownComponentError(FlatL2OError, KeyError):
+    """A component name that no loaded plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(FlatL2OError, ValueError):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin failed to load and was skipped (see ``FLAT_L2O_STRICT_PLUGINS``)."""

@@ -1,0 +1,342 @@
+"""The typed facade a host meta-training loop calls: :class:`FlatL2O`.
+
+A host never calls ``pm.hook.*`` itself. It builds one facade from the activation
+config, asks it for the flatness terms at every unrolled step, adds their sum to the
+meta-loss, and reports the end of each unroll::
+
+    flat = FlatL2O({"hessian_top_eigenvalue": {"weight": 0.1, "start_fraction": 0.5}})
+    ...
+    meta_loss = meta_loss + flat.penalty(params, loss_fn, step=t, loss=loss, horizon=T)
+    ...
+    flat.after_unroll(step=k, meta_loss=meta_loss, logs=logs)
+
+The weight, the schedule and the weighting of each regularizer live here, in the
+activation config, not in the estimator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, MutableMapping
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, DuplicateComponentError, FlatL2OError, PluginHookError, UnknownComponentError
+from .hookspecs import hookimpl
+from .manager import FlatL2OPluginManager, get_plugin_manager
+from .protocols import LossFn, Params, Regularizer
+
+__all__ = ["Schedule", "ActiveRegularizer", "FlatL2O"]
+
+_MODES = ("meta_loss", "optimizee_loss")
+_WEIGHTINGS = ("fixed", "scale_free")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a regularizer takes part in the meta-loss, along one optimizee trajectory.
+
+    The optimizee's starting plateau is the flattest place on its trajectory: a penalty
+    applied from step 0 with a large weight rewards a learned optimizer that never
+    moves. ``warmup``, ``start_fraction`` and ``after_loss_drop`` keep the penalty away
+    from the start.
+
+    Attributes:
+        every: Apply at every k-th step (t % every == 0).
+        at: ``"all"`` steps, or only the ``"last"`` step of the trajectory (needs the
+            host to pass ``horizon``).
+        warmup: Off for the first ``warmup`` steps of the trajectory.
+        start_fraction: Off before step ``start_fraction * horizon`` ("late in the
+            trajectory"; needs ``horizon``).
+        after_loss_drop: Off until the loss has fallen to ``(1 - after_loss_drop)`` times
+            the trajectory's initial loss (needs the host to pass ``initial_loss``).
+    """
+
+    every: int = 1
+    at: str = "all"
+    warmup: int = 0
+    start_fraction: float = 0.0
+    after_loss_drop: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise ConfigError(f"every must be an integer >= 1, got {self.every!r}")
+        if self.at not in ("all", "last"):
+            raise ConfigError(f"at must be 'all' or 'last', got {self.at!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not _is_number(self.start_fraction) or not 0.0 <= self.start_fraction <= 1.0:
+            raise ConfigError(f"start_fraction must be in [0, 1], got {self.start_fraction!r}")
+        if not _is_number(self.after_loss_drop) or not 0.0 <= self.after_loss_drop < 1.0:
+            raise ConfigError(f"after_loss_drop must be in [0, 1), got {self.after_loss_drop!r}")
+
+    def due(self, step: int, horizon: int | None = None, loss: float | None = None,
+            initial_loss: float | None = None) -> bool:
+        if step < self.warmup or step % self.every:
+            return False
+        needs_horizon = self.at == "last" or self.start_fraction > 0
+        if needs_horizon and horizon is None:
+            raise ConfigError("a schedule with at='last' or start_fraction needs the host to pass horizon")
+        if self.at == "last" and step != horizon - 1:  # type: ignore[operator]
+            return False
+        if self.start_fraction > 0 and step < self.start_fraction * horizon:  # type: ignore[operator]
+            return False
+        if self.after_loss_drop > 0:
+            if loss is None or initial_loss is None:
+                raise ConfigError("a schedule with after_loss_drop needs the host to pass loss and initial_loss")
+            if loss > (1.0 - self.after_loss_drop) * initial_loss:
+                return False
+        return True
+
+
+class ActiveRegularizer:
+    """A regularizer the configuration activated, with its weight, schedule and weighting.
+
+    ``weighting="fixed"`` gives ``weight * R``. ``weighting="scale_free"`` gives
+    ``weight * R / stopgrad(R̄) * stopgrad(f)``, where R̄ is a running mean of |R|: the
+    term is then ``weight`` times the loss in size, whatever the curvature scale of the
+    task, so one ``weight`` transfers across tasks.
+
+    ``mode="meta_loss"`` (the default, the paper's recipe) adds the term to the learned
+    optimizer's meta-loss. ``mode="optimizee_loss"`` (the original release's
+    alternative) adds it to the optimizee's own loss, so the learned optimizer sees the
+    gradient of ``f + weight * R``.
+    """
+
+    def __init__(self, name: str, regularizer: Regularizer, *, weight: float = 1.0,
+                 schedule: Schedule | None = None, weighting: str = "fixed",
+                 mode: str = "meta_loss", scale_momentum: float = 0.9) -> None:
+        self.name = name
+        self.regularizer = regularizer
+        self.weight = float(weight)
+        self.schedule = schedule or Schedule()
+        self.weighting = weighting
+        self.mode = mode
+        self.scale_momentum = scale_momentum
+        self._scale: float | None = None
+        self.last_raw: float | None = None
+
+    def due(self, step: int, **trajectory: Any) -> bool:
+        return self.weight != 0.0 and self.schedule.due(step, **trajectory)
+
+    def __call__(self, params: Params, loss_fn: LossFn, loss: Tensor | None = None) -> Tensor:
+        raw = self.regularizer(params, loss_fn)
+        if not isinstance(raw, Tensor) or raw.dim() != 0:
+            raise FlatL2OError(f"regularizer {self.name!r} must return a 0-dim tensor, got {raw!r}")
+        self.last_raw = float(raw.detach())
+        if self.weighting == "fixed":
+            return self.weight * raw
+        magnitude = abs(self.last_raw)
+        if math.isfinite(magnitude):
+            self._scale = magnitude if self._scale is None else (
+                self.scale_momentum * self._scale + (1 - self.scale_momentum) * magnitude)
+        if loss is None:
+            loss = loss_fn(params)
+        scale = max(self._scale or 0.0, 1e-12)
+        return self.weight * raw / scale * loss.detach()
+
+    @property
+    def last_value(self) -> float | None:
+        """The estimator's own latest estimate (e.g. the eigenvalue), if it reports one."""
+        return getattr(self.regularizer, "last_value", self.last_raw)
+
+
+_ACTIVATION_KEYS = {"weight", "weighting", "mode", "scale_momentum"} | {f.name for f in fields(Schedule)}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class _ActiveRegularizersPlugin:
+    """The host's own ``flatness_terms`` implementation: evaluates the activated regularizers.
+
+    Registered regularizers from any plugin are applied here, so a plugin that only
+    registers a regularizer needs no runtime hook at all.
+    """
+
+    name = "flat_l2o.active_regularizers"
+
+    @hookimpl
+    def flatness_terms(self, params: Params, loss_fn: LossFn, active: Mapping[str, ActiveRegularizer],
+                       loss: Tensor | None) -> dict[str, Tensor]:
+        return {name: act(params, loss_fn, loss) for name, act in active.items()}
+
+
+class FlatL2O:
+    """What a host meta-training loop holds: activated regularizers plus the runtime hooks.
+
+    Args:
+        regularizers: The activation config: ``{name: {"weight": α, "every": k,
+            "at": "all"|"last", "warmup": n, "start_fraction": s, "after_loss_drop": d,
+            "weighting": "fixed"|"scale_free", "mode": "meta_loss"|"optimizee_loss",
+            **estimator_options}}``. Names come from any loaded plugin.
+        plugin_manager: Defaults to a fresh :func:`get_plugin_manager`.
+
+    Raises:
+        UnknownComponentError: A name no loaded plugin registered.
+        ConfigError: A bad weight, schedule or estimator option (the message names it).
+    """
+
+    def __init__(self, regularizers: Mapping[str, Mapping[str, Any]] | None = None, *,
+                 plugin_manager: FlatL2OPluginManager | None = None) -> None:
+        self.pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        if not self.pm.has_plugin(_ActiveRegularizersPlugin.name):
+            self.pm.register(_ActiveRegularizersPlugin(), name=_ActiveRegularizersPlugin.name)
+        self.pm.check_pending()
+        self.active: dict[str, ActiveRegularizer] = {}
+        for name, spec in (regularizers or {}).items():
+            self.active[name] = self._activate(name, spec)
+        self._callers: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ components
+
+    @property
+    def components(self):  # noqa: ANN201 - see FlatL2OPluginManager.components
+        return self.pm.components
+
+    def create_regularizer(self, name: str, **options: Any) -> Regularizer:
+        """Build the registered regularizer ``name`` with ``options`` (no weight, no schedule)."""
+        info = self._regularizer_info(name)
+        try:
+            return info.create(**options)
+        except TypeError as exc:
+            raise ConfigError(f"regularizer {name!r} (from plugin "
+                              f"{self.components.regularizers.provider(name)!r}): {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"regularizer {name!r}: {exc}") from exc
+
+    def _regularizer_info(self, name: str):  # noqa: ANN202
+        registry = self.components.regularizers
+        if name not in registry:
+            for plugin, by in self.pm.disabled.items():
+                if name in _guess_components(plugin):
+                    raise UnknownComponentError(
+                        f"regularizer {name!r} belongs to plugin {plugin!r}, which {by} disabled")
+        return registry.get(name, failed_plugins=self.pm.failures)
+
+    def _activate(self, name: str, spec: Mapping[str, Any]) -> ActiveRegularizer:
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"regularizers.{name}: expected a table of options, got {spec!r}")
+        options = {k: v for k, v in spec.items() if k not in _ACTIVATION_KEYS}
+        weight = spec.get("weight", 1.0)
+        if not _is_number(weight):
+            raise ConfigError(f"regularizers.{name}.weight must be a finite number, got {weight!r}")
+        weighting = spec.get("weighting", "fixed")
+        if weighting not in _WEIGHTINGS:
+            raise ConfigError(f"regularizers.{name}.weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+        mode = spec.get("mode", "meta_loss")
+        if mode not in _MODES:
+            raise ConfigError(f"regularizers.{name}.mode must be one of {_MODES}, got {mode!r}")
+        momentum = spec.get("scale_momentum", 0.9)
+        if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"regularizers.{name}.scale_momentum must be in [0, 1), got {momentum!r}")
+        try:
+            schedule = Schedule(**{k: spec[k] for k in spec if k in {f.name for f in fields(Schedule)}})
+        except ConfigError as exc:
+            raise ConfigError(f"regularizers.{name}.{exc}") from None
+        return ActiveRegularizer(name, self.create_regularizer(name, **options), weight=weight,
+                                 schedule=schedule, weighting=weighting, mode=mode,
+                                 scale_momentum=momentum)
+
+    # ------------------------------------------------------------------ runtime hooks
+
+    def due(self, step: int, *, mode: str = "meta_loss", horizon: int | None = None,
+            loss: Tensor | float | None = None, initial_loss: float | None = None) -> dict[str, ActiveRegularizer]:
+        """The activated regularizers of ``mode`` whose schedule is due at ``step``."""
+        loss_value = None if loss is None else float(loss)
+        return {n: a for n, a in self.active.items()
+                if a.mode == mode and a.due(step, horizon=horizon, loss=loss_value, initial_loss=initial_loss)}
+
+    def flatness_terms(self, params: Params, loss_fn: LossFn, step: int, *, optimizer: Any = None,
+                       loss: Tensor | None = None, horizon: int | None = None,
+                       initial_loss: float | None = None) -> dict[str, Tensor]:
+        """Named, weighted meta-loss terms at the iterate ``params`` (trajectory step ``step``).
+
+        Calls the ``flatness_terms`` hook of every plugin, one at a time so that an
+        error names the plugin. Returns ``{}`` when nothing is due (no HVP is spent).
+        """
+        active = self.due(step, horizon=horizon, loss=loss, initial_loss=initial_loss)
+        terms: dict[str, Tensor] = {}
+        owners: dict[str, str] = {}
+        for plugin_name, caller in self._hook_callers().items():
+            if not active and plugin_name == _ActiveRegularizersPlugin.name:
+                continue
+            try:
+                results = caller(params=params, loss_fn=loss_fn, step=step, optimizer=optimizer,
+                                 active=active, loss=loss)
+            except FlatL2OError:
+                raise
+            except Exception as exc:
+                raise PluginHookError(f"plugin {plugin_name!r} raised in hook flatness_terms at step "
+                                      f"{step}: {type(exc).__name__}: {exc}") from exc
+            for result in results:
+                for term, value in (result or {}).items():
+                    if term in terms:
+                        raise DuplicateComponentError(
+                            f"flatness term {term!r} returned by both plugin {owners[term]!r} "
+                            f"and plugin {plugin_name!r}")
+                    if not isinstance(value, Tensor) or value.dim() != 0:
+                        raise PluginHookError(f"plugin {plugin_name!r} returned flatness term {term!r} "
+                                              f"that is not a 0-dim tensor: {value!r}")
+                    terms[term], owners[term] = value, plugin_name
+        return terms
+
+    def penalty(self, params: Params, loss_fn: LossFn, step: int, **kwargs: Any) -> Tensor:
+        """The sum of :meth:`flatness_terms` (a zero tensor when nothing is due)."""
+        terms = self.flatness_terms(params, loss_fn, step, **kwargs)
+        if not terms:
+            return torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+        return torch.stack(list(terms.values())).sum()
+
+    def optimizee_penalty(self, params: Params, loss_fn: LossFn, step: int, *, loss: Tensor | None = None,
+                          horizon: int | None = None, initial_loss: float | None = None) -> Tensor | None:
+        """The summed terms of regularizers in ``mode="optimizee_loss"``, or ``None``.
+
+        The host adds this to the optimizee's loss before taking the gradient it feeds to
+        the learned optimizer.
+        """
+        due = self.due(step, mode="optimizee_loss", horizon=horizon, loss=loss, initial_loss=initial_loss)
+        if not due:
+            return None
+        return torch.stack([act(params, loss_fn, loss) for act in due.values()]).sum()
+
+    def after_unroll(self, step: int, meta_loss: Tensor, logs: MutableMapping[str, Any]) -> None:
+        """Report the end of an unroll to every observer plugin."""
+        for plugin_name, caller in self._hook_callers("after_unroll").items():
+            try:
+                caller(step=step, meta_loss=meta_loss, logs=logs)
+            except FlatL2OError:
+                raise
+            except Exception as exc:
+                raise PluginHookError(f"plugin {plugin_name!r} raised in hook after_unroll at step "
+                                      f"{step}: {type(exc).__name__}: {exc}") from exc
+
+    def stats(self) -> dict[str, float]:
+        """Latest raw value of each activated regularizer, for logging (``name/value``)."""
+        return {f"{n}/value": a.last_value for n, a in self.active.items() if a.last_value is not None}
+
+    def _hook_callers(self, hook: str = "flatness_terms") -> dict[str, Any]:
+        # One subset caller per implementing plugin, built once: errors then name the plugin.
+        if self._callers is None:
+            self._callers = {}
+        if hook not in self._callers:
+            callers = {}
+            plugins = self.pm.get_plugins()
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                others = [p for p in plugins if p is not impl.plugin]
+                callers[impl.plugin_name] = self.pm.subset_hook_caller(hook, remove_plugins=others)
+            self._callers[hook] = dict(sorted(callers.items()))
+        return self._callers[hook]
+
+
+def _guess_components(plugin: str) -> set[str]:
+    """Component names a disabled plugin would have registered, if we can tell (ours only)."""
+    if plugin == "builtin":
+        from . import builtin
+
+        return set(builtin.COMPONENT_NAMES)
+    return set()

@@ -1,0 +1,147 @@
+"""Component metadata and the registry that plugins fill through ``register`` callbacks.
+
+Plugins describe each component with a frozen ``*Info`` dataclass: a name, a factory
+and a one-line description, plus capability flags. The host keeps one
+:class:`Registry` per component kind and records which plugin registered each name, so
+that a clash can name both providers.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from .errors import DuplicateComponentError, UnknownComponentError
+
+__all__ = [
+    "ComponentInfo",
+    "RegularizerInfo",
+    "OptimizerInfo",
+    "WrapperInfo",
+    "TaskInfo",
+    "Registry",
+]
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """Fields every component shares.
+
+    Attributes:
+        name: The public name users put in configuration (e.g. ``"hessian_trace"``).
+        factory: Called with the component's options as keyword arguments; returns it.
+        description: One line shown by ``flat-l2o list``.
+        defaults: Default options, merged under the user's options before ``factory``.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(
+                f"{type(self).__name__}.name must be an identifier-like string, got {self.name!r}"
+            )
+        if not callable(self.factory):
+            raise TypeError(f"{type(self).__name__}({self.name!r}).factory must be callable")
+
+    def create(self, **options: Any) -> Any:
+        """Build the component from its defaults overridden by ``options``."""
+        return self.factory(**{**self.defaults, **options})
+
+
+@dataclass(frozen=True)
+class RegularizerInfo(ComponentInfo):
+    """A flatness regularizer.
+
+    ``factory(**options)`` returns a callable ``reg(params, loss_fn) -> Tensor``: ``params``
+    is a sequence of tensors, ``loss_fn(params)`` returns the scalar mini-batch loss at
+    those params, and the result is a scalar differentiable with respect to ``params``.
+
+    Attributes:
+        needs_hvp: The regularizer uses Hessian-vector products (double backward).
+        stochastic: Its value depends on random probes or samples.
+    """
+
+    needs_hvp: bool = False
+    stochastic: bool = False
+
+
+@dataclass(frozen=True)
+class OptimizerInfo(ComponentInfo):
+    """A learned optimizer: ``factory(**options)`` returns a :class:`~flat_l2o_plugin.protocols.LearnedOptimizer`."""
+
+    coordinatewise: bool = True
+
+
+@dataclass(frozen=True)
+class WrapperInfo(ComponentInfo):
+    """A retrofit wrapper: ``factory(optimizer, **options)`` returns a wrapped learned optimizer."""
+
+
+@dataclass(frozen=True)
+class TaskInfo(ComponentInfo):
+    """An optimizee task: ``factory(**options)`` returns a :class:`~flat_l2o_plugin.protocols.Task`."""
+
+
+InfoT = TypeVar("InfoT", bound=ComponentInfo)
+
+
+class Registry(Generic[InfoT]):
+    """Name -> info for one component kind, remembering which plugin provided each name."""
+
+    def __init__(self, kind: str, info_type: type[InfoT]) -> None:
+        self.kind = kind
+        self.info_type = info_type
+        self._infos: dict[str, InfoT] = {}
+        self._providers: dict[str, str] = {}
+
+    def add(self, info: InfoT, provider: str) -> None:
+        if not isinstance(info, self.info_type):
+            raise TypeError(
+                f"plugin {provider!r} registered {info!r} as a {self.kind}; "
+                f"expected a {self.info_type.__name__}"
+            )
+        if info.name in self._infos:
+            raise DuplicateComponentError(
+                f"{self.kind} {info.name!r} is registered by both plugin "
+                f"{self._providers[info.name]!r} and plugin {provider!r}; "
+                f"disable one of them (FLAT_L2O_DISABLE_PLUGINS) or rename the component"
+            )
+        self._infos[info.name] = info
+        self._providers[info.name] = provider
+
+    def get(self, name: str, *, failed_plugins: Mapping[str, str] | None = None) -> InfoT:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise UnknownComponentError(self._unknown_message(name, failed_plugins)) from None
+
+    def provider(self, name: str) -> str:
+        return self._providers[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[InfoT]:
+        return iter(self._infos[name] for name in self.names())
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def _unknown_message(self, name: str, failed_plugins: Mapping[str, str] | None) -> str:
+        msg = f"unknown {self.kind} {name!r}"
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+        msg += f"; available: {', '.join(self.names()) or 'none'}"
+        if failed_plugins:
+            failures = "; ".join(f"{p}: {e}" for p, e in sorted(failed_plugins.items()))
+            msg += f". Plugins that failed to load: {failures}"
+        return msg

@@ -1,0 +1,8 @@
+"""Optimizee tasks: functional models with bundled data and fixed splits."""
+
+from __future__ import annotations
+
+from .data import Dataset, list_datasets, load_dataset
+from .mlp import MLPTask
+
+__all__ = ["Dataset", "MLPTask", "list_datasets", "load_dataset"]
