@@ -16,7 +16,6 @@ activation config, not in the estimator.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, MutableMapping
@@ -247,7 +246,7 @@ class FlatL2O:
     def due(self, step: int, *, mode: str = "meta_loss", horizon: int | None = None,
             loss: Tensor | float | None = None, initial_loss: float | None = None) -> dict[str, ActiveRegularizer]:
         """The activated regularizers of ``mode`` whose schedule is due at ``step``."""
-        loss_value = None if loss is None else float(loss)
+        loss_value = float(loss.detach()) if isinstance(loss, Tensor) else loss
         return {n: a for n, a in self.active.items()
                 if a.mode == mode and a.due(step, horizon=horizon, loss=loss_value, initial_loss=initial_loss)}
 

@@ -116,6 +116,7 @@ class MetaTrainer:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.meta_optimizer = torch.optim.Adam(optimizer.parameters(), lr=self.config.meta_lr)
         self._trajectories: list[_Trajectory | None] = [None] * self.config.meta_batch
+        self.skipped = 0
 
     # ------------------------------------------------------------------ trajectories
 
@@ -133,7 +134,7 @@ class MetaTrainer:
         loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
         loss = loss_fn(params)
         if traj.initial_loss is None:
-            traj.initial_loss = float(loss)
+            traj.initial_loss = float(loss.detach())
         schedule = {"horizon": cfg.horizon, "initial_loss": traj.initial_loss}
         total_loss = params[0].new_zeros(())
         terms_sum: dict[str, float] = {}
@@ -172,6 +173,48 @@ class MetaTrainer:
             losses.append(metrics["loss"])
         return {"val_accuracy": sum(accs) / len(accs), "val_loss": sum(losses) / len(losses)}
 
+    def step(self, meta_step: int) -> dict[str, Any]:
+        """One meta-step: an unroll of every trajectory, then (if all is finite) an update of φ.
+
+        The meta-gradient is left in the learned optimizer's ``.grad`` (after clipping).
+        Returns the step's logs, which the ``after_unroll`` hook has seen.
+        """
+        cfg = self.config
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, Any] = {"meta_step": meta_step}
+        meta_losses, skipped = [], False
+        for i in range(cfg.meta_batch):
+            traj = self._trajectories[i]
+            if traj is None or traj.step >= cfg.horizon:
+                traj = self._trajectories[i] = self._new_trajectory()
+            meta_loss, unroll_logs = self._unroll(traj)
+            if not torch.isfinite(meta_loss):
+                skipped = True
+                self._trajectories[i] = None  # the optimizee is reset; φ never sees this unroll
+                logs["diverged_task"], logs["diverged_seed"] = traj.task.name, traj.seed
+                continue
+            meta_losses.append(meta_loss)
+            for k, v in unroll_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.meta_batch
+        meta_loss = torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+        logs.update(self.flat.stats())
+        logs["meta_loss"] = float(meta_loss.detach())
+        if meta_losses:
+            meta_loss.backward()
+            weights = [p for p in self.optimizer.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(weights, cfg.clip if cfg.clip > 0 else math.inf)
+            if torch.isfinite(norm):
+                self.meta_optimizer.step()
+                logs["meta_grad_norm"] = float(norm)
+            else:
+                skipped = True
+                self.meta_optimizer.zero_grad(set_to_none=True)
+                self._trajectories = [None] * cfg.meta_batch
+        self.skipped += int(skipped)
+        logs["skipped"], logs["skipped_total"] = skipped, self.skipped
+        self.flat.after_unroll(step=meta_step, meta_loss=meta_loss.detach(), logs=logs)
+        return logs
+
     def train(self, *, progress: bool | Callable[[int], Any] = False) -> MetaTrainResult:
         """Run ``config.meta_steps`` meta-steps and restore the best validated weights."""
         cfg = self.config
@@ -180,39 +223,7 @@ class MetaTrainer:
         start = time.perf_counter()
         bar = _progress_bar(cfg.meta_steps, progress)
         for meta_step in range(cfg.meta_steps):
-            self.meta_optimizer.zero_grad(set_to_none=True)
-            logs: dict[str, Any] = {"meta_step": meta_step}
-            meta_losses, skipped = [], False
-            for i in range(cfg.meta_batch):
-                if self._trajectories[i] is None or self._trajectories[i].step >= cfg.horizon:
-                    self._trajectories[i] = self._new_trajectory()
-                traj = self._trajectories[i]
-                meta_loss, unroll_logs = self._unroll(traj)
-                if not torch.isfinite(meta_loss):
-                    skipped = True
-                    self._trajectories[i] = None
-                    logs["diverged_task"], logs["diverged_seed"] = traj.task.name, traj.seed
-                    continue
-                meta_losses.append(meta_loss)
-                for k, v in unroll_logs.items():
-                    logs[k] = logs.get(k, 0.0) + v / cfg.meta_batch
-            meta_loss = torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
-            logs.update(self.flat.stats())
-            logs["meta_loss"] = float(meta_loss.detach())
-            if meta_losses:
-                meta_loss.backward()
-                grads = [p.grad for p in self.optimizer.parameters() if p.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(self.optimizer.parameters(),
-                                                      cfg.clip if cfg.clip > 0 else math.inf)
-                if torch.isfinite(norm) and all(torch.isfinite(g).all() for g in grads):
-                    self.meta_optimizer.step()
-                    logs["meta_grad_norm"] = float(norm)
-                else:
-                    skipped = True
-                    self._trajectories = [None] * cfg.meta_batch
-            result.skipped += int(skipped)
-            logs["skipped"], logs["skipped_total"] = skipped, result.skipped
-            self.flat.after_unroll(step=meta_step, meta_loss=meta_loss.detach(), logs=logs)
+            logs = self.step(meta_step)
             if self.val_tasks and cfg.val_every and ((meta_step + 1) % cfg.val_every == 0
                                                      or meta_step + 1 == cfg.meta_steps):
                 scores = self.validate()
@@ -227,6 +238,7 @@ class MetaTrainer:
         bar.close()
         if best_state is not None:
             self.optimizer.load_state_dict(best_state)
+        result.skipped = self.skipped
         result.seconds = time.perf_counter() - start
         return result
 

@@ -1,0 +1,122 @@
+"""The ``flat-l2o`` command line (also ``python -m flat_l2o_plugin``).
+
+Exit codes: 0 success, 2 usage or configuration error (one line, no traceback unless
+``--debug``), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .errors import ConfigError, FlatL2OError, UnknownComponentError
+
+__all__ = ["main"]
+
+_KINDS = ("regularizers", "optimizers", "wrappers", "tasks")
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.components  # noqa: B018 - fills each record's registered components
+    records = [r for r in pm.records.values() if args.all or r.status != "disabled"]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in records], indent=2))
+        return 0
+    for r in records:
+        version = f" {r.version}" if r.version else ""
+        print(f"{r.name}  [{r.status}]  {r.distribution or '-'}{version}  ({r.value})")
+        if r.status == "failed":
+            print(f"    error: {r.error}")
+        if r.status == "disabled":
+            print(f"    disabled by {r.disabled_by}")
+        if r.hooks:
+            print(f"    hooks: {', '.join(r.hooks)}")
+        for kind, names in sorted(r.components.items()):
+            print(f"    {kind}: {', '.join(names)}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    registry = getattr(pm.components, args.kind)
+    rows = [{"name": info.name, "description": info.description, "plugin": registry.provider(info.name)}
+            for info in registry]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max((len(r["name"]) for r in rows), default=0)
+        for r in rows:
+            print(f"{r['name']:<{width}}  {r['description']}  [{r['plugin']}]")
+    for name, error in pm.failures.items():
+        print(f"warning: plugin {name!r} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.workers is not None:
+        config.workers = args.workers
+    run_demo(args.out, config=config, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flat-l2o", description="Flatness-aware meta-training for learned optimizers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  flat-l2o plugins --json\n  flat-l2o list regularizers\n  flat-l2o demo")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list plugins, their hooks, components and load failures",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o plugins\n  flat-l2o plugins --all --json")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="include disabled plugins")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("list", help="list registered components of one kind",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o list regularizers\n  flat-l2o list optimizers --json")
+    p.add_argument("kind", choices=_KINDS)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("demo", help="meta-train RNNProp with and without the Hessian regularizer and compare",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o demo\n  flat-l2o demo --quick --out /tmp/demo")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke-test budget; its numbers mean nothing")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UnknownComponentError) as exc:
+        if args.debug:
+            raise
+        print(f"flat-l2o: error: {exc}", file=sys.stderr)
+        return 2
+    except FlatL2OError as exc:
+        if args.debug:
+            raise
+        print(f"flat-l2o: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flat-l2o: interrupted", file=sys.stderr)
+        return 130

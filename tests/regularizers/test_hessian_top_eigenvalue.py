@@ -1,0 +1,142 @@
+"""The top-eigenvalue regularizer against the exact Hessian of tiny float64 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flat_l2o_plugin import create_regularizer
+from flat_l2o_plugin.regularizers import HessianTopEigenvalue, hessian_eigenpairs
+from flat_l2o_plugin.regularizers.hessian import power_iteration
+from flat_l2o_plugin.regularizers._hvp import gradient, random_like
+
+
+def _eigvalsh(hessian_of, loss_fn, params):
+    return torch.linalg.eigvalsh(hessian_of(loss_fn, params))
+
+
+def test_cold_start_matches_eigvalsh(tiny_mlp, hessian_of):
+    params = tiny_mlp.init_params(0)
+    exact = _eigvalsh(hessian_of, tiny_mlp.loss, params)
+    reg = HessianTopEigenvalue(iters=500, warm_start=False, tol=1e-12, seed=0)
+    value = reg(params, tiny_mlp.loss)
+    assert value.dim() == 0
+    assert value.item() == pytest.approx(exact.max().item(), rel=1e-6)
+
+
+def test_created_through_the_registry_is_the_same_estimator(tiny_mlp, hessian_of):
+    params = tiny_mlp.init_params(1)
+    exact = _eigvalsh(hessian_of, tiny_mlp.loss, params).max().item()
+    reg = create_regularizer("hessian_top_eigenvalue", iters=300, warm_start=False, tol=1e-12, seed=0)
+    assert reg(params, tiny_mlp.loss).item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_negative_dominant_eigenvalue_still_gives_the_largest():
+    # Spectrum {-5, -1, 0.5}: plain power iteration finds -5; the shift recovers 0.5.
+    a = torch.diag(torch.tensor([-5.0, -1.0, 0.5], dtype=torch.float64))
+    loss_fn = lambda p: 0.5 * p[0] @ a @ p[0]  # noqa: E731
+    x = [torch.ones(3, dtype=torch.float64)]
+    largest = HessianTopEigenvalue(iters=300, warm_start=False, tol=0, seed=0)(x, loss_fn)
+    magnitude = HessianTopEigenvalue(iters=300, warm_start=False, tol=0, which="magnitude", seed=0)(x, loss_fn)
+    assert largest.item() == pytest.approx(0.5, rel=1e-6)
+    assert magnitude.item() == pytest.approx(5.0, rel=1e-6)
+
+
+def test_warm_start_tracks_the_eigenvalue_with_two_hvps_per_call(tiny_mlp, hessian_of):
+    params = tiny_mlp.init_params(2)
+    reg = HessianTopEigenvalue(iters=200, warm_start=True, warm_iters=1, tol=1e-10, seed=0)
+    reg(params, tiny_mlp.loss)
+    cold_hvps = reg.last_hvps
+    # A slowly moving trajectory, as consecutive iterates of an unroll are.
+    errors = []
+    for k in range(1, 30):
+        moved = [p + 1e-3 * k * torch.sin(torch.arange(p.numel(), dtype=p.dtype).view_as(p) + k) for p in params]
+        value = reg(moved, tiny_mlp.loss).item()
+        assert reg.last_hvps == 2
+        exact = _eigvalsh(hessian_of, tiny_mlp.loss, moved).max().item()
+        errors.append(abs(value - exact) / abs(exact))
+    assert cold_hvps > 2
+    assert max(errors) < 1e-3
+
+
+def test_tolerance_stops_early(tiny_mlp):
+    params = tiny_mlp.init_params(0)
+    loose = HessianTopEigenvalue(iters=500, warm_start=False, tol=1e-2, seed=0)
+    tight = HessianTopEigenvalue(iters=500, warm_start=False, tol=1e-10, seed=0)
+    loose(params, tiny_mlp.loss)
+    tight(params, tiny_mlp.loss)
+    assert loose.last_hvps < tight.last_hvps
+
+
+def test_gradient_is_the_eigenvalue_derivative(tiny_mlp):
+    """dλ/dθ = vᵀ(∂H/∂θ)v: compare autograd with central finite differences of eigvalsh."""
+    params = [p.requires_grad_(True) for p in tiny_mlp.init_params(3)]
+    reg = HessianTopEigenvalue(iters=1000, warm_start=False, tol=0, seed=0)
+    grads = torch.autograd.grad(reg(params, tiny_mlp.loss), params)
+
+    eps = 1e-5
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        i = int(torch.randint(0, len(params), (1,), generator=rng))
+        j = int(torch.randint(0, params[i].numel(), (1,), generator=rng))
+        values = []
+        for sign in (1, -1):
+            shifted = [p.detach().clone() for p in params]
+            shifted[i].view(-1)[j] += sign * eps
+            h = torch.autograd.functional.hessian(
+                lambda v: tiny_mlp.loss(_unflatten(v, shifted)), torch.cat([p.reshape(-1) for p in shifted]))
+            values.append(torch.linalg.eigvalsh(h).max().item())
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert grads[i].view(-1)[j].item() == pytest.approx(fd, rel=1e-4, abs=1e-7)
+
+
+def _unflatten(vector, like):
+    out, start = [], 0
+    for t in like:
+        out.append(vector[start:start + t.numel()].view_as(t))
+        start += t.numel()
+    return out
+
+
+def test_gradcheck_of_the_differentiable_rayleigh_quotient(tiny_mlp):
+    params = tiny_mlp.init_params(4)
+    probe = random_like(params, torch.Generator().manual_seed(0))
+
+    def rayleigh(*ps):
+        # A fixed probe makes the function deterministic: gradcheck then checks vᵀ(∂H/∂θ)v.
+        reg = HessianTopEigenvalue(iters=1, warm_start=True, warm_iters=0, seed=0)
+        reg._probe = [v.clone() for v in probe]
+        return reg(list(ps), tiny_mlp.loss)
+
+    inputs = tuple(p.detach().requires_grad_(True) for p in params)
+    assert torch.autograd.gradcheck(rayleigh, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_deflation_gives_the_top_k_by_magnitude(tiny_mlp, hessian_of):
+    params = tiny_mlp.init_params(5)
+    exact = _eigvalsh(hessian_of, tiny_mlp.loss, params)
+    by_magnitude = exact[exact.abs().argsort(descending=True)][:3]
+    values, vectors = hessian_eigenpairs(params, tiny_mlp.loss, k=3, iters=2000, tol=1e-13)
+    assert values == pytest.approx(by_magnitude.tolist(), rel=1e-5, abs=1e-8)
+    assert len(vectors) == 3 and [v.shape for v in vectors[0]] == [p.shape for p in params]
+
+
+def test_power_iteration_reports_hvps_spent(tiny_mlp):
+    params = [p.requires_grad_(True) for p in tiny_mlp.init_params(0)]
+    _, grads = gradient(tiny_mlp.loss, params)
+    _, _, used = power_iteration(grads, params, random_like(params, torch.Generator().manual_seed(0)), iters=7)
+    assert used == 7
+
+
+def test_deterministic_under_a_seed_and_works_in_float32(tiny_mlp):
+    params32 = [p.float() for p in tiny_mlp.init_params(6)]
+    loss32 = lambda ps: tiny_mlp.loss([p.double() for p in ps]).float()  # noqa: E731
+    a = HessianTopEigenvalue(iters=10, seed=3)(params32, loss32)
+    b = HessianTopEigenvalue(iters=10, seed=3)(params32, loss32)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [{"iters": 0}, {"warm_iters": -1}, {"tol": -1.0}, {"which": "smallest"}])
+def test_bad_options_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        HessianTopEigenvalue(**bad)

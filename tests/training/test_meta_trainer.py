@@ -1,0 +1,147 @@
+"""The reference host loop: flatness terms reach φ, non-finite unrolls never do, seeds repeat."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flat_l2o_plugin import FlatL2O, create_optimizer, create_task, get_plugin_manager
+from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer
+
+TINY = dict(meta_steps=1, unroll=3, horizon=6, val_every=0, clip=0.0)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return create_task("mlp_digits", batch_size=32)
+
+
+def _meta_gradient(task, regularizers, *, seed=0, **config):
+    torch.manual_seed(seed)
+    optimizer = create_optimizer("rnnprop")
+    pm = get_plugin_manager(entry_points=False)
+    trainer = MetaTrainer(optimizer, lambda g: (task, 7), flat=FlatL2O(regularizers, plugin_manager=pm),
+                          config=MetaTrainConfig(**{**TINY, **config}))
+    logs = trainer.step(0)
+    return [p.grad.clone() for p in optimizer.parameters()], logs
+
+
+def test_regularizer_changes_the_meta_gradient(task):
+    plain, _ = _meta_gradient(task, {})
+    regularized, logs = _meta_gradient(task, {"hessian_top_eigenvalue": {"weight": 1.0, "iters": 5}})
+    assert "term/hessian_top_eigenvalue" in logs and logs["hessian_top_eigenvalue/value"] > 0
+    diff = sum((a - b).abs().sum() for a, b in zip(plain, regularized))
+    assert diff > 1e-6 * sum(a.abs().sum() for a in plain)
+
+
+def test_weight_zero_is_bit_identical_to_no_regularizer(task):
+    plain, plain_logs = _meta_gradient(task, {})
+    zero, zero_logs = _meta_gradient(task, {"hessian_top_eigenvalue": {"weight": 0.0}})
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+    assert plain_logs["meta_loss"] == zero_logs["meta_loss"]
+    assert "term/hessian_top_eigenvalue" not in zero_logs
+
+
+def test_optimizee_loss_mode_changes_the_gradient_fed_to_the_optimizer(task):
+    plain, _ = _meta_gradient(task, {})
+    mode, logs = _meta_gradient(task, {"sharpness": {"weight": 1.0, "rho": 0.5, "mode": "optimizee_loss"}})
+    assert "term/sharpness" not in logs  # not part of the meta-loss
+    assert any(not torch.equal(a, b) for a, b in zip(plain, mode))
+
+
+class _NaNAfter:
+    """Wraps a task so that its loss is NaN from the ``n``-th call on."""
+
+    def __init__(self, task, n):
+        self.task, self.n, self.calls, self.name = task, n, 0, "nan_task"
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, params, batch):
+        self.calls += 1
+        value = self.task.loss(params, batch)
+        return value * math.nan if self.calls >= self.n else value
+
+
+def test_non_finite_unroll_is_skipped_counted_and_never_applied(task):
+    torch.manual_seed(0)
+    optimizer = create_optimizer("rnnprop")
+    before = [p.detach().clone() for p in optimizer.parameters()]
+    nan_task = _NaNAfter(task, n=2)
+    trainer = MetaTrainer(optimizer, lambda g: (nan_task, 0), flat=FlatL2O(),
+                          config=MetaTrainConfig(meta_steps=3, unroll=3, horizon=6, val_every=0))
+    result = trainer.train()
+    assert result.skipped == 3
+    assert all(h["skipped"] for h in result.history)
+    assert result.history[0]["diverged_task"] == "nan_task"
+    assert all(torch.equal(a, b) for a, b in zip(before, optimizer.parameters()))
+    assert all(torch.isfinite(p).all() for p in optimizer.parameters())
+
+
+def test_training_continues_after_a_divergent_trajectory(task):
+    torch.manual_seed(0)
+    optimizer = create_optimizer("rnnprop")
+    calls = {"n": 0}
+
+    def sample(generator):
+        calls["n"] += 1
+        return (_NaNAfter(task, n=1) if calls["n"] == 1 else task), 3
+
+    trainer = MetaTrainer(optimizer, sample, flat=FlatL2O(),
+                          config=MetaTrainConfig(meta_steps=3, unroll=2, horizon=4, val_every=0))
+    result = trainer.train()
+    assert [h["skipped"] for h in result.history] == [True, False, False]
+    assert all(torch.isfinite(p).all() for p in optimizer.parameters())
+
+
+def test_same_seed_same_metrics(task):
+    def run():
+        torch.manual_seed(0)
+        optimizer = create_optimizer("rnnprop")
+        sample = lambda g: (task, int(torch.randint(0, 1000, (1,), generator=g)))  # noqa: E731
+        trainer = MetaTrainer(optimizer, sample, flat=FlatL2O({"hessian_top_eigenvalue": {"weight": 0.1}}),
+                              val_tasks=[(task, 100)],
+                              config=MetaTrainConfig(meta_steps=4, unroll=2, horizon=4, val_every=2, val_steps=5,
+                                                     seed=5))
+        result = trainer.train()
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in result.history]
+
+    assert run() == run()
+
+
+def test_validation_keeps_the_best_checkpoint(task):
+    torch.manual_seed(0)
+    optimizer = create_optimizer("rnnprop")
+    trainer = MetaTrainer(optimizer, lambda g: (task, 11), flat=FlatL2O(), val_tasks=[(task, 100)],
+                          config=MetaTrainConfig(meta_steps=6, unroll=2, horizon=4, val_every=2, val_steps=10))
+    result = trainer.train()
+    assert [v["meta_step"] for v in result.validation] == [2, 4, 6]
+    assert result.best_score == max(v["val_accuracy"] for v in result.validation)
+    assert trainer.validate()["val_accuracy"] == pytest.approx(result.best_score)
+
+
+def test_after_unroll_sees_every_meta_step(task):
+    from flat_l2o_plugin import hookimpl
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def after_unroll(self, step, logs):
+            seen.append((step, logs["meta_loss"]))
+
+    pm = get_plugin_manager(entry_points=False, plugins=[("observer", Observer())])
+    optimizer = create_optimizer("rnnprop")
+    trainer = MetaTrainer(optimizer, lambda g: (task, 1), flat=FlatL2O(plugin_manager=pm),
+                          config=MetaTrainConfig(meta_steps=3, unroll=2, horizon=4, val_every=0))
+    trainer.train()
+    assert [s for s, _ in seen] == [0, 1, 2] and all(math.isfinite(v) for _, v in seen)
+
+
+@pytest.mark.parametrize("bad", [{"unroll": 0}, {"horizon": 7, "unroll": 2}, {"meta_lr": 0.0}])
+def test_config_errors_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        MetaTrainConfig(**bad)
