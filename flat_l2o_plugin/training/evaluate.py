@@ -63,7 +63,7 @@ def _run(task: Task, seed: int, steps: int, step_fn: Callable[[list[Tensor], Ten
             break
         grads = list(torch.autograd.grad(loss, leaves))
         if t % eval_every == 0:
-            record(t, float(loss))
+            record(t, float(loss.detach()))
         with torch.no_grad():
             params = step_fn(params, loss.detach(), grads)
         result.params = params

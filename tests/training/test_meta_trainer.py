@@ -145,3 +145,24 @@ def test_after_unroll_sees_every_meta_step(task):
 def test_config_errors_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         MetaTrainConfig(**bad)
+
+
+def test_meta_training_never_touches_the_test_split(task):
+    splits = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def evaluate(self, params, split="test"):
+            splits.append(split)
+            return self.inner.evaluate(params, split)
+
+    spy = Spy(task)
+    trainer = MetaTrainer(create_optimizer("rnnprop"), lambda g: (spy, 1), flat=FlatL2O(), val_tasks=[(spy, 100)],
+                          config=MetaTrainConfig(meta_steps=2, unroll=2, horizon=4, val_every=1, val_steps=3))
+    trainer.train()
+    assert splits and set(splits) == {"val"}
