@@ -82,7 +82,7 @@ def check_regularizer(name_or_factory: str | Callable[..., Any], *, options: dic
             f"{where}: no gradient reaches weights upstream of the params (got {dphi})"
 
         torch.manual_seed(1)
-        first = float(make()([p.clone() for p in params], loss_fn).detach())
+        first = float(make()([p.clone().requires_grad_(True) for p in params], loss_fn).detach())
         torch.manual_seed(1)
-        second = float(make()([p.clone() for p in params], loss_fn).detach())
+        second = float(make()([p.clone().requires_grad_(True) for p in params], loss_fn).detach())
         assert first == second, f"{where}: not deterministic under torch.manual_seed ({first} != {second})"
