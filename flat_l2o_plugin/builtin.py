@@ -12,7 +12,7 @@ from .hookspecs import hookimpl
 from .optimizers import L2ODM, RNNProp
 from .registry import OptimizerInfo, RegularizerInfo, TaskInfo
 from .regularizers import HessianTopEigenvalue, HessianTrace, LocalEntropy, Sharpness
-from .tasks import MLPTask
+from .tasks import ConvTask, MLPTask
 
 REGULARIZERS = (
     RegularizerInfo(
@@ -44,6 +44,9 @@ TASKS = (
     TaskInfo(name="mlp_digits", factory=MLPTask,
              defaults={"dataset": "digits", "hidden_sizes": (20,), "activation": "sigmoid", "batch_size": 128},
              description="MLP 64-20-10, sigmoid, on scikit-learn digits (batch 128)."),
+    TaskInfo(name="conv_digits", factory=ConvTask,
+             defaults={"dataset": "digits", "channels": (8, 16), "activation": "relu", "batch_size": 128},
+             description="Conv net 8-16 channels, ReLU, on 8x8 digits (batch 128)."),
 )
 
 COMPONENT_NAMES = frozenset(info.name for info in (*REGULARIZERS, *OPTIMIZERS, *TASKS))

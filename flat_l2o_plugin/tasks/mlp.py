@@ -16,14 +16,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..protocols import Params
-from .data import load_dataset
+from .base import ClassificationTask
 
 __all__ = ["MLPTask", "ACTIVATIONS"]
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 
 
-class MLPTask:
+def _activation(name: str):  # noqa: ANN202
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def linear_init(fan_in: int, shape: Sequence[int], generator: torch.Generator) -> Tensor:
+    """PyTorch's ``nn.Linear``/``nn.Conv2d`` default: U(±1/√fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(*shape, generator=generator) * 2 - 1) * bound
+
+
+class MLPTask(ClassificationTask):
     """Classification with an MLP on a bundled dataset.
 
     Args:
@@ -35,34 +47,21 @@ class MLPTask:
 
     def __init__(self, dataset: str = "digits", hidden_sizes: Sequence[int] = (20,),
                  activation: str = "sigmoid", batch_size: int = 128) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self._act = _activation(activation)
         hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive, got {hidden_sizes!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        self.data = load_dataset(dataset)
-        self.hidden_sizes, self.activation, self.batch_size = hidden_sizes, activation, batch_size
+        super().__init__(dataset, batch_size)
+        self.hidden_sizes, self.activation = hidden_sizes, activation
         self.sizes = (self.data.num_features, *hidden_sizes, self.data.num_classes)
         self.name = f"mlp_{dataset}[{'-'.join(map(str, self.sizes))},{activation}]"
-        self._act = ACTIVATIONS[activation]
-
-    def __repr__(self) -> str:
-        return f"MLPTask({self.name})"
-
-    @property
-    def num_params(self) -> int:
-        return sum(i * o + o for i, o in zip(self.sizes[:-1], self.sizes[1:]))
 
     def init_params(self, seed: int) -> list[Tensor]:
-        """PyTorch's ``nn.Linear`` default: U(±1/√fan_in) for weights and biases."""
         g = torch.Generator().manual_seed(int(seed))
         params = []
         for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
-            bound = 1.0 / math.sqrt(fan_in)
-            params.append((torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound)
-            params.append((torch.rand(fan_out, generator=g) * 2 - 1) * bound)
+            params.append(linear_init(fan_in, (fan_out, fan_in), g))
+            params.append(linear_init(fan_in, (fan_out,), g))
         return params
 
     def forward(self, params: Params, x: Tensor) -> Tensor:
@@ -73,22 +72,3 @@ class MLPTask:
             if i < n_layers - 1:
                 h = self._act(h)
         return h
-
-    def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        x, y = self.data.split("train")
-        idx = torch.randperm(x.shape[0], generator=generator)[: self.batch_size]
-        return x[idx], y[idx]
-
-    def loss(self, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.forward(params, x), y)
-
-    def full_batch(self, split: str = "train") -> tuple[Tensor, Tensor]:
-        return self.data.split(split)
-
-    @torch.no_grad()
-    def evaluate(self, params: Params, split: str = "test") -> dict[str, float]:
-        x, y = self.data.split(split)
-        logits = self.forward([p.detach() for p in params], x)
-        return {"loss": float(F.cross_entropy(logits, y)),
-                "accuracy": float((logits.argmax(-1) == y).float().mean())}
