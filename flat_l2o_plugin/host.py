@@ -43,13 +43,16 @@ class Schedule:
     moves. ``warmup``, ``start_fraction`` and ``after_loss_drop`` keep the penalty away
     from the start.
 
+    Steps count iterates: θ_0 is the initialisation and θ_t the iterate after t updates,
+    so a trajectory of ``horizon`` T updates ends at θ_T.
+
     Attributes:
-        every: Apply at every k-th step (t % every == 0).
-        at: ``"all"`` steps, or only the ``"last"`` step of the trajectory (needs the
-            host to pass ``horizon``).
-        warmup: Off for the first ``warmup`` steps of the trajectory.
-        start_fraction: Off before step ``start_fraction * horizon`` ("late in the
-            trajectory"; needs ``horizon``).
+        every: Apply at every k-th iterate (t % every == 0).
+        at: ``"all"`` iterates, or only the ``"last"`` one, θ_T (needs the host to pass
+            ``horizon``).
+        warmup: Off for θ_0 .. θ_warmup: the first ``warmup`` updates go unpenalized.
+        start_fraction: Off before θ_t with t < ``start_fraction * horizon`` ("late in
+            the trajectory"; needs ``horizon``).
         after_loss_drop: Off until the loss has fallen to ``(1 - after_loss_drop)`` times
             the trajectory's initial loss (needs the host to pass ``initial_loss``).
     """
@@ -74,12 +77,12 @@ class Schedule:
 
     def due(self, step: int, horizon: int | None = None, loss: float | None = None,
             initial_loss: float | None = None) -> bool:
-        if step < self.warmup or step % self.every:
+        if (self.warmup and step <= self.warmup) or step % self.every:
             return False
         needs_horizon = self.at == "last" or self.start_fraction > 0
         if needs_horizon and horizon is None:
             raise ConfigError("a schedule with at='last' or start_fraction needs the host to pass horizon")
-        if self.at == "last" and step != horizon - 1:  # type: ignore[operator]
+        if self.at == "last" and step != horizon:
             return False
         if self.start_fraction > 0 and step < self.start_fraction * horizon:  # type: ignore[operator]
             return False
@@ -107,8 +110,9 @@ class ActiveRegularizer:
 
     def __init__(self, name: str, regularizer: Regularizer, *, weight: float = 1.0,
                  schedule: Schedule | None = None, weighting: str = "fixed",
-                 mode: str = "meta_loss", scale_momentum: float = 0.9) -> None:
+                 mode: str = "meta_loss", scale_momentum: float = 0.9, provider: str | None = None) -> None:
         self.name = name
+        self.provider = provider
         self.regularizer = regularizer
         self.weight = float(weight)
         self.schedule = schedule or Schedule()
@@ -122,7 +126,13 @@ class ActiveRegularizer:
         return self.weight != 0.0 and self.schedule.due(step, **trajectory)
 
     def __call__(self, params: Params, loss_fn: LossFn, loss: Tensor | None = None) -> Tensor:
-        raw = self.regularizer(params, loss_fn)
+        try:
+            raw = self.regularizer(params, loss_fn)
+        except FlatL2OError:
+            raise
+        except Exception as exc:
+            raise PluginHookError(f"regularizer {self.name!r} (from plugin {self.provider!r}) raised: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(raw, Tensor) or raw.dim() != 0:
             raise FlatL2OError(f"regularizer {self.name!r} must return a 0-dim tensor, got {raw!r}")
         self.last_raw = float(raw.detach())
@@ -214,8 +224,8 @@ class FlatL2O:
             for plugin, by in self.pm.disabled.items():
                 if name in _guess_components(plugin):
                     raise UnknownComponentError(
-                        f"regularizer {name!r} belongs to plugin {plugin!r}, which {by} disabled")
-        return registry.get(name, failed_plugins=self.pm.failures)
+                        f"regularizer {name!r} belongs to plugin {plugin!r}, which was disabled by {by}")
+        return registry.get(name, failed_plugins=self.pm.failures, disabled_plugins=self.pm.disabled)
 
     def _activate(self, name: str, spec: Mapping[str, Any]) -> ActiveRegularizer:
         if not isinstance(spec, Mapping):
@@ -238,8 +248,8 @@ class FlatL2O:
         except ConfigError as exc:
             raise ConfigError(f"regularizers.{name}.{exc}") from None
         return ActiveRegularizer(name, self.create_regularizer(name, **options), weight=weight,
-                                 schedule=schedule, weighting=weighting, mode=mode,
-                                 scale_momentum=momentum)
+                                 schedule=schedule, weighting=weighting, mode=mode, scale_momentum=momentum,
+                                 provider=self.components.regularizers.provider(name))
 
     # ------------------------------------------------------------------ runtime hooks
 
@@ -267,6 +277,8 @@ class FlatL2O:
             try:
                 results = caller(params=params, loss_fn=loss_fn, step=step, optimizer=optimizer,
                                  active=active, loss=loss)
+            except PluginHookError as exc:
+                raise PluginHookError(f"{exc} (hook flatness_terms, step {step})") from exc.__cause__
             except FlatL2OError:
                 raise
             except Exception as exc:
@@ -319,17 +331,17 @@ class FlatL2O:
         return {f"{n}/value": a.last_value for n, a in self.active.items() if a.last_value is not None}
 
     def _hook_callers(self, hook: str = "flatness_terms") -> dict[str, Any]:
-        # One subset caller per implementing plugin, built once: errors then name the plugin.
-        if self._callers is None:
-            self._callers = {}
-        if hook not in self._callers:
+        # One subset caller per implementing plugin, so that an error names the plugin.
+        # Rebuilt whenever the manager's plugins change.
+        plugins = self.pm.get_plugins()
+        key = (hook, frozenset(id(p) for p in plugins))
+        if self._callers is None or key not in self._callers:
             callers = {}
-            plugins = self.pm.get_plugins()
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 others = [p for p in plugins if p is not impl.plugin]
                 callers[impl.plugin_name] = self.pm.subset_hook_caller(hook, remove_plugins=others)
-            self._callers[hook] = dict(sorted(callers.items()))
-        return self._callers[hook]
+            self._callers = {**(self._callers or {}), key: dict(sorted(callers.items()))}
+        return self._callers[key]
 
 
 def _guess_components(plugin: str) -> set[str]:

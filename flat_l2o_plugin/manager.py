@@ -90,7 +90,7 @@ class PluginRecord:
     """What the manager knows about one plugin, loaded or not.
 
     ``status`` is ``"loaded"``, ``"failed"`` or ``"disabled"``. ``disabled_by`` names the
-    setting that disabled it (an environment variable, or ``"config"``).
+    setting that disabled it (an environment variable, or the ``get_plugin_manager`` argument).
     """
 
     name: str
@@ -146,14 +146,27 @@ class FlatL2OPluginManager(pluggy.PluginManager):
         unregistered and recorded as failed (or raises in strict mode).
         """
         record = PluginRecord(name=name, distribution=distribution, version=version, value=value)
+        where = _describe(record)
+        if name in self.records and self.records[name].status == "loaded":
+            # Two distributions with one entry-point name: keep the first working and
+            # record the second under a name of its own.
+            other = self.records[name]
+            record.name = f"{name} ({distribution or value or 'duplicate'})"
+            self._fail(record, f"{where} has the same name as already loaded {_describe(other)}; "
+                               f"rename one entry point or disable one plugin")
+            return False
         if isinstance(plugin, type) and not isinstance(plugin, ModuleType):
-            self._fail(record, f"plugin {name!r} is a class; register an instance. "
-                               f"Have you forgotten the `()`?")
+            self._fail(record, f"{where} is a class; register an instance. Have you forgotten the `()`?",
+                       error_type=PluginValidationError)
             return False
         try:
             self.register(plugin, name=name)
-        except (pluggy.PluginValidationError, ValueError) as exc:
-            self._fail(record, f"{type(exc).__name__}: {exc}", exc)
+        except pluggy.PluginValidationError as exc:
+            self._fail(record, f"{where} does not match the hook contract: {exc}", exc,
+                       error_type=PluginValidationError)
+            return False
+        except ValueError as exc:
+            self._fail(record, f"{where} could not be registered: {exc}", exc)
             return False
         unknown = [c.name for c in self.get_hookcallers(plugin) or [] if c.spec is None]
         if unknown:
@@ -162,7 +175,7 @@ class FlatL2OPluginManager(pluggy.PluginManager):
             for hook in unknown:
                 close = difflib.get_close_matches(hook, self._spec_names(), n=1)
                 hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            self._fail(record, f"plugin {name!r} implements unknown hook(s) {', '.join(hints)}",
+            self._fail(record, f"{where} implements unknown hook(s) {', '.join(hints)}",
                        error_type=PluginValidationError)
             return False
         record.hooks = sorted(c.name for c in self.get_hookcallers(plugin) or [])
@@ -217,10 +230,7 @@ class FlatL2OPluginManager(pluggy.PluginManager):
         try:
             plugin = ep.load() if hasattr(ep, "load") else ep()
         except Exception as exc:  # any import-time failure is the plugin's, not ours
-            where = f"entry point {record.name!r} ({record.value})"
-            if record.distribution:
-                where += f" from distribution {record.distribution!r}"
-            self._fail(record, f"Error importing plugin {where}: {type(exc).__name__}: {exc}", exc)
+            self._fail(record, f"Error importing {_describe(record)}: {type(exc).__name__}: {exc}", exc)
             return
         self.add_plugin(plugin, record.name, distribution=record.distribution,
                         version=record.version, value=record.value)
@@ -278,25 +288,25 @@ class FlatL2OPluginManager(pluggy.PluginManager):
 
     def _collect_components(self) -> Components:
         registries = {kind: Registry(kind.rstrip("s"), info) for kind, (_, info) in _COMPONENT_KINDS.items()}
-        for record in self.records.values():
+        for name in self.loaded_plugins():
+            record, plugin = self.records[name], self.get_plugin(name)
             record.components = {}
-        for kind, (hook_name, _) in _COMPONENT_KINDS.items():
-            for name in self.loaded_plugins():
-                plugin = self.get_plugin(name)
-                if plugin is None or hook_name not in self.records[name].hooks:
-                    continue
-                others = [p for p in self.get_plugins() if p is not plugin]
-                caller = self.subset_hook_caller(hook_name, remove_plugins=others)
-                staged: list[ComponentInfo] = []
-                try:
-                    caller(register=staged.append)
-                except Exception as exc:
-                    self._fail(self.records[name], f"plugin {name!r} raised in {hook_name}: "
-                                                   f"{type(exc).__name__}: {exc}", exc)
-                    continue
-                for info in staged:
-                    registries[kind].add(info, provider=name)
-                    self.records[name].components.setdefault(kind, []).append(info.name)
+            others = [p for p in self.get_plugins() if p is not plugin]
+            # All of a plugin's registrations are staged, then committed together: a plugin
+            # that raises in one registration hook contributes nothing and is unregistered.
+            staged: list[tuple[str, ComponentInfo]] = []
+            try:
+                for kind, (hook_name, _) in _COMPONENT_KINDS.items():
+                    if hook_name in record.hooks:
+                        caller = self.subset_hook_caller(hook_name, remove_plugins=others)
+                        caller(register=lambda info, kind=kind: staged.append((kind, info)))
+            except Exception as exc:
+                self.unregister(plugin)
+                self._fail(record, f"{_describe(record)} raised in {hook_name}: {type(exc).__name__}: {exc}", exc)
+                continue
+            for kind, info in staged:
+                registries[kind].add(info, provider=name)
+                record.components.setdefault(kind, []).append(info.name)
         return Components(**registries)
 
     def _enable_hook_trace(self) -> None:
@@ -310,6 +320,15 @@ class FlatL2OPluginManager(pluggy.PluginManager):
                 trace_log.info("hook %s raised %r", hook_name, outcome.exception)
 
         self.add_hookcall_monitoring(before, after)
+
+
+def _describe(record: PluginRecord) -> str:
+    where = f"plugin {record.name!r}"
+    if record.value:
+        where += f" ({record.value})"
+    if record.distribution:
+        where += f" from distribution {record.distribution!r}"
+    return where
 
 
 def _dist_name(ep: Any) -> str | None:
@@ -365,8 +384,8 @@ def get_plugin_manager(
     if entry_points:
         pm.load_entry_points(
             load=load, disable=disable, builtins=builtins,
-            disabled_by=ENV_DISABLE if disable_from_env else "disable",
-            allowed_by=ENV_LOAD if load_from_env else "load",
+            disabled_by=ENV_DISABLE if disable_from_env else "get_plugin_manager(disable=...)",
+            allowed_by=ENV_LOAD if load_from_env else "get_plugin_manager(load=...)",
         )
     elif builtins and not {BUILTIN_PLUGIN, _OUR_DISTRIBUTION} & {normalize_name(n) for n in disable}:
         pm._load_one(lambda: importlib.import_module(_BUILTIN_MODULE),

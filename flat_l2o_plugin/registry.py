@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-from .errors import DuplicateComponentError, UnknownComponentError
+from .errors import DuplicateComponentError, PluginValidationError, UnknownComponentError
 
 __all__ = [
     "ComponentInfo",
@@ -101,7 +101,7 @@ class Registry(Generic[InfoT]):
 
     def add(self, info: InfoT, provider: str) -> None:
         if not isinstance(info, self.info_type):
-            raise TypeError(
+            raise PluginValidationError(
                 f"plugin {provider!r} registered {info!r} as a {self.kind}; "
                 f"expected a {self.info_type.__name__}"
             )
@@ -114,11 +114,18 @@ class Registry(Generic[InfoT]):
         self._infos[info.name] = info
         self._providers[info.name] = provider
 
-    def get(self, name: str, *, failed_plugins: Mapping[str, str] | None = None) -> InfoT:
+    def get(self, name: str, *, failed_plugins: Mapping[str, str] | None = None,
+            disabled_plugins: Mapping[str, str] | None = None) -> InfoT:
+        """The info registered as ``name``.
+
+        Raises:
+            UnknownComponentError: listing the available names, and the plugins that
+                failed to load or were disabled (usually the reason a name is missing).
+        """
         try:
             return self._infos[name]
         except KeyError:
-            raise UnknownComponentError(self._unknown_message(name, failed_plugins)) from None
+            raise UnknownComponentError(self._unknown_message(name, failed_plugins, disabled_plugins)) from None
 
     def provider(self, name: str) -> str:
         return self._providers[name]
@@ -135,7 +142,8 @@ class Registry(Generic[InfoT]):
     def __len__(self) -> int:
         return len(self._infos)
 
-    def _unknown_message(self, name: str, failed_plugins: Mapping[str, str] | None) -> str:
+    def _unknown_message(self, name: str, failed_plugins: Mapping[str, str] | None,
+                         disabled_plugins: Mapping[str, str] | None) -> str:
         msg = f"unknown {self.kind} {name!r}"
         close = difflib.get_close_matches(name, self.names(), n=1)
         if close:
@@ -144,4 +152,7 @@ class Registry(Generic[InfoT]):
         if failed_plugins:
             failures = "; ".join(f"{p}: {e}" for p, e in sorted(failed_plugins.items()))
             msg += f". Plugins that failed to load: {failures}"
+        if disabled_plugins:
+            disabled = "; ".join(f"{p} (by {by})" for p, by in sorted(disabled_plugins.items()))
+            msg += f". Disabled plugins: {disabled}"
         return msg
