@@ -28,6 +28,18 @@ def as_graph_params(params: Params) -> list[Tensor]:
     return out
 
 
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A private CPU generator for an estimator's probes.
+
+    Without an explicit seed it is seeded from torch's global RNG, once, at construction:
+    ``torch.manual_seed`` then makes the whole run reproducible, and the estimator never
+    draws from (or disturbs) the global stream afterwards.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator().manual_seed(int(seed))
+
+
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
 

@@ -21,17 +21,11 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..protocols import LossFn, Params
-from ._hvp import as_graph_params, dot, gradient, hvp, normalized, random_like
+from ._hvp import as_graph_params, dot, gradient, hvp, normalized, random_like, seeded_generator
 
 __all__ = ["HessianTopEigenvalue", "power_iteration", "hessian_eigenpairs"]
-
-
-def _seeded_generator(seed: int | None) -> torch.Generator:
-    # Without an explicit seed, draw one from the global RNG so torch.manual_seed governs it.
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return torch.Generator().manual_seed(seed)
 
 
 def power_iteration(
@@ -97,16 +91,16 @@ class HessianTopEigenvalue:
         seed: int | None = None,
     ) -> None:
         if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"hessian_top_eigenvalue: iters must be an integer >= 1, got {iters!r}")
+            raise ConfigError(f"hessian_top_eigenvalue: iters must be an integer >= 1, got {iters!r}")
         if not isinstance(warm_iters, int) or warm_iters < 0:
-            raise ValueError(f"hessian_top_eigenvalue: warm_iters must be an integer >= 0, got {warm_iters!r}")
+            raise ConfigError(f"hessian_top_eigenvalue: warm_iters must be an integer >= 0, got {warm_iters!r}")
         if not tol >= 0:
-            raise ValueError(f"hessian_top_eigenvalue: tol must be >= 0, got {tol!r}")
+            raise ConfigError(f"hessian_top_eigenvalue: tol must be >= 0, got {tol!r}")
         if which not in ("largest", "magnitude"):
-            raise ValueError(f"hessian_top_eigenvalue: which must be 'largest' or 'magnitude', got {which!r}")
+            raise ConfigError(f"hessian_top_eigenvalue: which must be 'largest' or 'magnitude', got {which!r}")
         self.iters, self.warm_start, self.warm_iters = iters, bool(warm_start), warm_iters
         self.tol, self.which = float(tol), which
-        self._generator = _seeded_generator(seed)
+        self._generator = seeded_generator(seed)
         self._probe: list[Tensor] | None = None
         self.last_value: float | None = None
         self.last_hvps = 0
@@ -159,10 +153,10 @@ def hessian_eigenpairs(
     decreasing magnitude; each eigenvector is a list of tensors shaped like ``params``.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k!r}")
+        raise ConfigError(f"k must be >= 1, got {k!r}")
     params = [p.detach().requires_grad_(True) for p in params]
     _, grads = gradient(loss_fn, params)
-    generator = _seeded_generator(seed)
+    generator = seeded_generator(seed)
     pairs: list[tuple[float, list[Tensor]]] = []
     for _ in range(k):
         lam, v, _ = power_iteration(grads, params, random_like(params, generator), iters, tol,

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from ..host import FlatL2O
 from ..protocols import Task
+from .curriculum import Curriculum
 from .evaluate import batch_generator, train_with_learned_optimizer
+from .imitation import TEACHERS, Teacher
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "TaskSampler"]
 
@@ -48,7 +50,17 @@ class MetaTrainConfig:
         seed: Seeds everything the trainer draws (task instances, init seeds, batches).
         val_every: Validate (and keep the best weights) every this many meta-steps;
             0 disables validation.
-        val_steps: Optimizee steps of each validation run.
+        val_steps: Optimizee steps of each validation run (with a curriculum: the
+            current stage's horizon).
+        curriculum: Trajectory lengths by stage, e.g. ``(100, 200, 500, 1000)``: the
+            enhanced training's curriculum (:mod:`.curriculum`). Empty: a fixed ``horizon``.
+        curriculum_patience: Validations without improvement that end a stage.
+        imitation_prob: Probability that an unroll imitates a teacher optimizer instead
+            of minimizing the loss (:mod:`.imitation`); 0 disables imitation.
+        imitation_teacher: ``"adam"`` or ``"sam"``.
+        imitation_lr: The teacher's learning rate.
+        imitation_rho: The SAM teacher's radius.
+        imitation_weight: Scale of the imitation loss in the meta-loss.
     """
 
     meta_steps: int = 200
@@ -60,6 +72,13 @@ class MetaTrainConfig:
     seed: int = 0
     val_every: int = 50
     val_steps: int = 100
+    curriculum: tuple[int, ...] = ()
+    curriculum_patience: int = 1
+    imitation_prob: float = 0.0
+    imitation_teacher: str = "adam"
+    imitation_lr: float = 1e-2
+    imitation_rho: float = 0.05
+    imitation_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "unroll", "horizon", "meta_batch", "val_steps"):
@@ -70,6 +89,15 @@ class MetaTrainConfig:
             raise ValueError(f"MetaTrainConfig.horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if not self.meta_lr > 0:
             raise ValueError(f"MetaTrainConfig.meta_lr must be > 0, got {self.meta_lr!r}")
+        self.curriculum = tuple(self.curriculum)
+        for h in self.curriculum:
+            if h % self.unroll:
+                raise ValueError(f"MetaTrainConfig.curriculum horizon {h} must be a multiple of unroll ({self.unroll})")
+        if not 0.0 <= self.imitation_prob <= 1.0:
+            raise ValueError(f"MetaTrainConfig.imitation_prob must be in [0, 1], got {self.imitation_prob!r}")
+        if self.imitation_teacher not in TEACHERS:
+            raise ValueError(f"MetaTrainConfig.imitation_teacher must be one of {sorted(TEACHERS)}, "
+                             f"got {self.imitation_teacher!r}")
 
 
 @dataclass
@@ -79,8 +107,10 @@ class _Trajectory:
     params: list[Tensor]
     state: dict[str, Tensor]
     generator: torch.Generator
+    horizon: int
     step: int = 0
     initial_loss: float | None = None
+    teacher: Teacher | None = None
 
 
 @dataclass
@@ -117,6 +147,13 @@ class MetaTrainer:
         self.meta_optimizer = torch.optim.Adam(optimizer.parameters(), lr=self.config.meta_lr)
         self._trajectories: list[_Trajectory | None] = [None] * self.config.meta_batch
         self.skipped = 0
+        self.curriculum = (Curriculum(self.config.curriculum, self.config.curriculum_patience)
+                           if self.config.curriculum else None)
+
+    @property
+    def horizon(self) -> int:
+        """The trajectory length now (the curriculum's current stage, if there is one)."""
+        return self.curriculum.horizon if self.curriculum else self.config.horizon
 
     # ------------------------------------------------------------------ trajectories
 
@@ -124,7 +161,7 @@ class MetaTrainer:
         task, seed = self.sample_task(self.generator)
         params = [p.detach() for p in task.init_params(seed)]
         gen = batch_generator(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
-        return _Trajectory(task, seed, params, self.optimizer.init_state(params), gen)
+        return _Trajectory(task, seed, params, self.optimizer.init_state(params), gen, self.horizon)
 
     def _unroll(self, traj: _Trajectory) -> tuple[Tensor, dict[str, float]]:
         """One truncated unroll of K steps; returns the meta-loss (in φ's graph) and its logs."""
@@ -135,7 +172,7 @@ class MetaTrainer:
         loss = loss_fn(params)
         if traj.initial_loss is None:
             traj.initial_loss = float(loss.detach())
-        schedule = {"horizon": cfg.horizon, "initial_loss": traj.initial_loss}
+        schedule = {"horizon": traj.horizon, "initial_loss": traj.initial_loss}
         total_loss = params[0].new_zeros(())
         terms_sum: dict[str, float] = {}
         for _ in range(cfg.unroll):
@@ -159,14 +196,38 @@ class MetaTrainer:
         logs = {"loss": float(loss.detach()), **{f"term/{k}": v / cfg.unroll for k, v in terms_sum.items()}}
         return total_loss / cfg.unroll, logs
 
+    def _imitation_unroll(self, traj: _Trajectory) -> tuple[Tensor, dict[str, float]]:
+        """K steps along the teacher's trajectory; the meta-loss is the imitation error."""
+        cfg = self.config
+        if traj.teacher is None:
+            traj.teacher = TEACHERS[cfg.imitation_teacher](lr=cfg.imitation_lr, rho=cfg.imitation_rho)
+        params = [p.detach() for p in traj.params]
+        state = {k: v.detach() for k, v in traj.state.items()}
+        total = params[0].new_zeros(())
+        for _ in range(cfg.unroll):
+            loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            loss = loss_fn(leaves)
+            grads = [g.detach() for g in torch.autograd.grad(loss, leaves)]
+            learned, state = self.optimizer.step(params, grads, state)
+            target = traj.teacher.update(params, grads, loss_fn)
+            sq_err = sum(((new - old - d) ** 2).sum() for new, old, d in zip(learned, params, target))
+            total = total + sq_err / sum(p.numel() for p in params) / cfg.imitation_lr**2
+            params = [p + d for p, d in zip(params, target)]
+            traj.step += 1
+        traj.params = params
+        traj.state = {k: v.detach() for k, v in state.items()}
+        imitation = total / cfg.unroll
+        return cfg.imitation_weight * imitation, {"loss": float(loss.detach()), "imitation": float(imitation.detach())}
+
     # ------------------------------------------------------------------ the loop
 
     def validate(self) -> dict[str, float]:
         """Mean accuracy and loss on the ``val`` split after ``val_steps`` steps of each val task."""
         accs, losses = [], []
+        steps = self.curriculum.horizon if self.curriculum else self.config.val_steps
         for task, seed in self.val_tasks:
-            run = train_with_learned_optimizer(self.optimizer, task, seed, self.config.val_steps,
-                                               eval_every=self.config.val_steps)
+            run = train_with_learned_optimizer(self.optimizer, task, seed, steps, eval_every=steps)
             metrics = task.evaluate(run.params, "val") if run.diverged_at is None else {"accuracy": 0.0,
                                                                                         "loss": math.inf}
             accs.append(metrics["accuracy"])
@@ -185,9 +246,10 @@ class MetaTrainer:
         meta_losses, skipped = [], False
         for i in range(cfg.meta_batch):
             traj = self._trajectories[i]
-            if traj is None or traj.step >= cfg.horizon:
+            if traj is None or traj.step >= traj.horizon:
                 traj = self._trajectories[i] = self._new_trajectory()
-            meta_loss, unroll_logs = self._unroll(traj)
+            imitate = cfg.imitation_prob > 0 and float(torch.rand((), generator=self.generator)) < cfg.imitation_prob
+            meta_loss, unroll_logs = (self._imitation_unroll if imitate else self._unroll)(traj)
             if not torch.isfinite(meta_loss):
                 skipped = True
                 self._trajectories[i] = None  # the optimizee is reset; φ never sees this unroll
@@ -232,6 +294,15 @@ class MetaTrainer:
                 if scores["val_accuracy"] > result.best_score:
                     result.best_score, result.best_step = scores["val_accuracy"], meta_step + 1
                     best_state = copy.deepcopy(self.optimizer.state_dict())
+                if self.curriculum is not None and self.curriculum.observe(scores["val_accuracy"]):
+                    # Next stage: longer trajectories, starting from the best weights so far.
+                    self.optimizer.load_state_dict(best_state)
+                    self._trajectories = [None] * cfg.meta_batch
+                    # Scores at different horizons are not comparable: the best is per stage.
+                    result.best_score = -math.inf
+                    logs["curriculum_advanced"] = True
+            if self.curriculum is not None:
+                logs["curriculum_stage"], logs["horizon"] = self.curriculum.stage, self.curriculum.horizon
             logs["seconds"] = time.perf_counter() - start
             result.history.append(logs)
             bar(meta_step, logs)
