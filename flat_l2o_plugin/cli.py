@@ -69,6 +69,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_gammas(text: str) -> tuple[float, ...]:
+    try:
+        gammas = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        gammas = ()
+    if not gammas or not all(0 < g < float("inf") for g in gammas):
+        raise ConfigError(f"--gammas: expected comma-separated positive numbers such as 10,100,1000, got {text!r}")
+    return gammas
+
+
+def _cmd_flatness(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .diagnostics import plot_density, task_flatness
+    from .tasks.checkpoint import load_optimizee
+
+    gammas = _parse_gammas(args.gammas)
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    checkpoint = Path(args.checkpoint)
+    task, params = load_optimizee(checkpoint)
+    report = task_flatness(task, params, split=args.split, top_k=args.top_k, gammas=gammas, seed=args.seed)
+    out = Path(args.out) if args.out else checkpoint.with_name(f"{checkpoint.stem}_flatness")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "flatness.json", out / "spectral_density.png"
+    json_path.write_text(report.to_json() + "\n")
+    plot_density(report, png_path)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.summary())
+        print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flat-l2o", description="Flatness-aware meta-training for learned optimizers.",
@@ -99,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("flatness", help="flatness diagnostics of a saved optimizee: eigenvalues, trace, density",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o flatness runs/mlp.safetensors\n"
+                              "  flat-l2o flatness runs/mlp.safetensors --out /tmp/flat --top-k 5 --gammas 10,100")
+    p.add_argument("checkpoint", help="optimizee checkpoint written by save_optimizee (.safetensors)")
+    p.add_argument("--out", default=None,
+                   help="folder for flatness.json and spectral_density.png (default: CHECKPOINT_STEM_flatness "
+                        "next to the checkpoint)")
+    p.add_argument("--top-k", type=int, default=3, help="Hessian eigenvalues to report (default: 3)")
+    p.add_argument("--gammas", default="10,100,1000",
+                   help="comma-separated local-entropy scopes γ (default: 10,100,1000)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train",
+                   help="data split whose full-batch loss is measured (default: train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probes (default: 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
+    p.set_defaults(func=_cmd_flatness)
     return parser
 
 

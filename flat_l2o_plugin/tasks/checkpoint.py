@@ -163,7 +163,9 @@ def load_optimizee(path: str | os.PathLike[str]) -> tuple[Task, list[Tensor]]:
     try:
         options = json.loads(metadata["task_options"])
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"optimizee checkpoint {path}: 'task_options' metadata is not valid JSON ({exc})") from exc
+        raise CheckpointError(
+            f"optimizee checkpoint {path}: 'task_options' metadata is not valid JSON ({exc})"
+        ) from exc
     if not isinstance(options, dict):
         raise CheckpointError(
             f"optimizee checkpoint {path}: 'task_options' metadata must be a JSON object, "
