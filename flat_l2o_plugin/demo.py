@@ -19,17 +19,13 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from .training.experiment import EVAL_SEEDS_START, VAL_SEEDS_START, evaluate, meta_train, run_jobs
 
 __all__ = ["DemoConfig", "run_demo", "format_table"]
-
-# Init seeds: held-out evaluation < 100 <= validation < 1000 <= meta-training.
-EVAL_SEEDS_START, VAL_SEEDS_START, TRAIN_SEEDS_START = 0, 100, 1000
 
 HELD_OUT_TASKS: dict[str, dict[str, Any]] = {
     "mlp_sigmoid_unseen_seeds": {"activation": "sigmoid", "hidden_sizes": (20,)},
@@ -62,103 +58,7 @@ class DemoConfig:
                    val_every=2, eval_seeds=2, eval_steps=10, adam_lrs=(1e-2,), workers=1)
 
 
-# ---------------------------------------------------------------------------- jobs
-# Module-level functions so that they can run in worker processes.
-
-
-def _task(name: str = "mlp_sigmoid_unseen_seeds"):  # noqa: ANN202
-    from . import create_task
-
-    return create_task("mlp_digits", **HELD_OUT_TASKS[name])
-
-
-def _val_tasks(cfg: DemoConfig) -> list:
-    task = _task()
-    return [(task, VAL_SEEDS_START + i) for i in range(cfg.val_tasks)]
-
-
-def _meta_train_job(cfg: DemoConfig, alpha: float, seed: int) -> dict[str, Any]:
-    torch.set_num_threads(1)  # jobs run side by side, one per core
-    torch.manual_seed(seed)
-    from . import FlatL2O, create_optimizer
-    from .training import MetaTrainConfig, MetaTrainer
-
-    task = _task()
-
-    def sample(generator: torch.Generator):  # noqa: ANN202
-        return task, TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
-
-    regs = {} if alpha == 0 else {"hessian_top_eigenvalue": {"weight": alpha, **cfg.schedule}}
-    optimizer = create_optimizer("rnnprop")
-    trainer = MetaTrainer(optimizer, sample, flat=FlatL2O(regs), val_tasks=_val_tasks(cfg), config=MetaTrainConfig(
-        meta_steps=cfg.meta_steps, unroll=cfg.unroll, horizon=cfg.horizon, meta_lr=cfg.meta_lr, seed=seed,
-        val_every=cfg.val_every, val_steps=cfg.horizon))
-    result = trainer.train()
-    return {"alpha": alpha, "seed": seed, "state_dict": {k: v.clone() for k, v in optimizer.state_dict().items()},
-            "best_val_accuracy": result.best_score, "best_step": result.best_step, "skipped": result.skipped,
-            "seconds": result.seconds, "validation": result.validation,
-            "final_loss": result.history[-1].get("loss")}
-
-
-def _make_optimizer(spec: dict[str, Any]):  # noqa: ANN202
-    """A ``step_fn`` factory for an optimizer spec: a learned one (state dict) or Adam."""
-    from . import create_optimizer
-
-    if spec["kind"] == "adam":
-        return None
-    optimizer = create_optimizer("rnnprop")
-    optimizer.load_state_dict(spec["state_dict"])
-    return optimizer
-
-
-def _evaluate_job(cfg: DemoConfig, spec: dict[str, Any], task_name: str, seed: int,
-                  split: str = "test") -> dict[str, Any]:
-    torch.set_num_threads(1)
-    from .regularizers import HessianTopEigenvalue
-    from .training import train_with_learned_optimizer, train_with_torch_optimizer
-
-    task = _task(task_name)
-    every = max(1, cfg.eval_steps // 20)
-    optimizer = _make_optimizer(spec)
-    if optimizer is None:
-        run = train_with_torch_optimizer(lambda p: torch.optim.Adam(p, lr=spec["lr"]), task, seed, cfg.eval_steps,
-                                         eval_every=every, eval_splits=(split,))
-    else:
-        run = train_with_learned_optimizer(optimizer, task, seed, cfg.eval_steps, eval_every=every,
-                                           eval_splits=(split,))
-    final = task.evaluate(run.params, split)
-    train = task.evaluate(run.params, "train")
-    x, y = task.full_batch("train")
-    eig = math.nan
-    if run.diverged_at is None:
-        eig_reg = HessianTopEigenvalue(iters=50, warm_start=False, tol=1e-4, seed=0)
-        eig_reg([p.detach() for p in run.params], lambda p: task.loss(p, (x, y)))
-        eig = eig_reg.last_value
-    return {"optimizer": spec["name"], "task": task_name, "seed": seed,
-            f"{split}_accuracy": final["accuracy"], "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            "top_eigenvalue": eig, "diverged_at": run.diverged_at,
-            "curve": {"step": run.steps, "train_loss": run.train_loss,
-                      f"{split}_accuracy": [m[f"{split}_accuracy"] for m in run.eval_metrics]}}
-
-
 # ---------------------------------------------------------------------------- driver
-
-
-def _pool_map(fn: Callable[..., Any], args: list[tuple], workers: int,
-              on_done: Callable[[], None]) -> list[Any]:
-    if workers <= 1:
-        out = []
-        for a in args:
-            out.append(fn(*a))
-            on_done()
-        return out
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *a) for a in args]
-        for f in futures:
-            f.add_done_callback(lambda _: on_done())
-        return [f.result() for f in futures]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -168,6 +68,10 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def _task(name: str) -> tuple[str, dict[str, Any]]:
+    return "mlp_digits", HELD_OUT_TASKS[name]
+
+
 def run_demo(out_dir: str | os.PathLike[str] = "runs/demo", *, config: DemoConfig | None = None,
              progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo and write ``results.json``, ``table.txt`` and ``curves.png`` into ``out_dir``."""
@@ -175,53 +79,67 @@ def run_demo(out_dir: str | os.PathLike[str] = "runs/demo", *, config: DemoConfi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sweep = [(cfg, a, cfg.meta_seeds[0]) for a in cfg.alphas]
-    main_alphas_seeds = [(cfg, 0.0, s) for s in cfg.meta_seeds]
-    n_eval = (2 * len(cfg.meta_seeds) + 1) * len(HELD_OUT_TASKS) * cfg.eval_seeds
-    n_jobs = len(sweep) + 2 * len(cfg.meta_seeds) - 1 + len(cfg.adam_lrs) * cfg.val_tasks + n_eval
-    bar = _bar(n_jobs, progress)
+    train_task = _task("mlp_sigmoid_unseen_seeds")
+    trainer = {"meta_steps": cfg.meta_steps, "unroll": cfg.unroll, "horizon": cfg.horizon, "meta_lr": cfg.meta_lr,
+               "val_every": cfg.val_every, "val_steps": cfg.horizon}
 
-    log(f"[1/3] meta-training: α sweep {list(cfg.alphas)} on validation tasks, and the unregularized "
-        f"optimizer, seeds {list(cfg.meta_seeds)}")
-    trained = _pool_map(_meta_train_job, sweep + main_alphas_seeds, cfg.workers, bar)
-    sweep_runs = trained[: len(sweep)]
+    def job(alpha: float, seed: int) -> dict[str, Any]:
+        regs = {"hessian_top_eigenvalue": {"weight": alpha, **cfg.schedule}} if alpha else {}
+        return {"task": train_task, "regularizers": regs, "trainer": trainer, "seed": seed, "val_tasks": cfg.val_tasks}
+
+    n_eval = (2 * len(cfg.meta_seeds) + 1) * len(HELD_OUT_TASKS) * cfg.eval_seeds
+    bar = _bar(len(cfg.alphas) + 2 * len(cfg.meta_seeds) - 1 + len(cfg.adam_lrs) * cfg.val_tasks + n_eval, progress)
+
+    log(f"[1/3] meta-training RNNProp: α sweep {list(cfg.alphas)} scored on validation tasks, and the "
+        f"unregularized optimizer, seeds {list(cfg.meta_seeds)}")
+    sweep_jobs = [job(a, cfg.meta_seeds[0]) for a in cfg.alphas]
+    trained = run_jobs(meta_train, sweep_jobs + [job(0.0, s) for s in cfg.meta_seeds], workers=cfg.workers,
+                       on_done=bar)
+    sweep_runs, plain = trained[: len(sweep_jobs)], trained[len(sweep_jobs):]
     best = max(sweep_runs, key=lambda r: r["best_val_accuracy"])
-    alpha = best["alpha"]
-    log(f"      sweep (val accuracy): " + ", ".join(f"α={r['alpha']:g}: {r['best_val_accuracy']:.3f}"
-                                                       for r in sweep_runs) + f" -> α={alpha:g}")
-    more = _pool_map(_meta_train_job, [(cfg, alpha, s) for s in cfg.meta_seeds[1:]], cfg.workers, bar)
-    regularized = [best, *more]
-    plain = trained[len(sweep):]
+    alpha = best["regularizers"]["hessian_top_eigenvalue"]["weight"]
+    log("      validation accuracy: " + ", ".join(
+        f"α={r['regularizers']['hessian_top_eigenvalue']['weight']:g}: {r['best_val_accuracy']:.3f}"
+        for r in sweep_runs) + f" -> α={alpha:g}")
+    regularized = [best, *run_jobs(meta_train, [job(alpha, s) for s in cfg.meta_seeds[1:]], workers=cfg.workers,
+                                   on_done=bar)]
 
     log("[2/3] Adam baseline: learning rate picked on validation tasks")
-    adam_args = [(lr, VAL_SEEDS_START + i) for lr in cfg.adam_lrs for i in range(cfg.val_tasks)]
-    adam_val = _pool_map(_evaluate_job, [(cfg, {"name": "adam", "kind": "adam", "lr": lr}, "mlp_sigmoid_unseen_seeds",
-                                          seed, "val") for lr, seed in adam_args], cfg.workers, bar)
-    adam_scores = {lr: statistics.fmean(r["val_accuracy"] for (l, _), r in zip(adam_args, adam_val) if l == lr)
-                   for lr in cfg.adam_lrs}
+    adam_jobs = [{"baseline": {"name": "adam", "lr": lr}, "task": train_task, "seed": VAL_SEEDS_START + i,
+                  "steps": cfg.eval_steps, "split": "val", "flatness": False}
+                 for lr in cfg.adam_lrs for i in range(cfg.val_tasks)]
+    adam_val = run_jobs(evaluate, adam_jobs, workers=cfg.workers, on_done=bar)
+    adam_scores = {lr: statistics.fmean(r["val_accuracy"] for j, r in zip(adam_jobs, adam_val)
+                                        if j["baseline"]["lr"] == lr) for lr in cfg.adam_lrs}
     adam_lr = max(adam_scores, key=adam_scores.__getitem__)
 
-    log("[3/3] held-out optimizees: training each with every optimizer, test split measured at the end")
+    log("[3/3] held-out optimizees: trained with every optimizer; the test split is measured at the end")
     label_reg = f"rnnprop+hessian(α={alpha:g})"
-    specs = [{"name": "rnnprop", "kind": "learned", "state_dict": r["state_dict"], "meta_seed": r["seed"]}
-             for r in plain]
-    specs += [{"name": label_reg, "kind": "learned", "state_dict": r["state_dict"], "meta_seed": r["seed"]}
-              for r in regularized]
-    specs.append({"name": f"adam(lr={adam_lr:g})", "kind": "adam", "lr": adam_lr})
-    eval_args = [(cfg, spec, task, EVAL_SEEDS_START + i) for spec in specs for task in HELD_OUT_TASKS
-                 for i in range(cfg.eval_seeds)]
-    evaluations = _pool_map(_evaluate_job, eval_args, cfg.workers, bar)
-    for (_, spec, _, _), ev in zip(eval_args, evaluations):
-        ev["meta_seed"] = spec.get("meta_seed")
+    contenders = [("rnnprop", r) for r in plain] + [(label_reg, r) for r in regularized]
+    eval_jobs, labels = [], []
+    for label, run in contenders:
+        for name in HELD_OUT_TASKS:
+            for i in range(cfg.eval_seeds):
+                eval_jobs.append({"learned": {"name": "rnnprop", "state_dict": run["state_dict"]},
+                                  "task": _task(name), "seed": EVAL_SEEDS_START + i, "steps": cfg.eval_steps})
+                labels.append((label, name, run["seed"]))
+    for name in HELD_OUT_TASKS:
+        for i in range(cfg.eval_seeds):
+            eval_jobs.append({"baseline": {"name": "adam", "lr": adam_lr}, "task": _task(name),
+                              "seed": EVAL_SEEDS_START + i, "steps": cfg.eval_steps})
+            labels.append((f"adam(lr={adam_lr:g})", name, None))
+    evaluations = run_jobs(evaluate, eval_jobs, workers=cfg.workers, on_done=bar)
+    for ev, (label, name, meta_seed) in zip(evaluations, labels):
+        ev.update(optimizer=label, task=name, meta_seed=meta_seed)
     bar.close()
 
     rows = summarize(evaluations)
     seconds = time.perf_counter() - start
+    keep = ("seed", "regularizers", "best_val_accuracy", "best_step", "skipped", "seconds", "validation")
     results = {
-        "config": asdict(cfg), "alpha": alpha, "adam_lr": adam_lr, "seconds": seconds,
-        "sweep": [{k: r[k] for k in ("alpha", "seed", "best_val_accuracy", "best_step", "skipped")} for r in sweep_runs],
-        "meta_training": [{k: r[k] for k in ("alpha", "seed", "best_val_accuracy", "best_step", "skipped", "seconds",
-                                             "validation")} for r in [*plain, *regularized]],
+        "config": asdict(cfg), "alpha": alpha, "adam_lr": adam_lr, "adam_val_accuracy": adam_scores,
+        "seconds": seconds, "sweep": [{k: r[k] for k in keep} for r in sweep_runs],
+        "meta_training": [{k: r[k] for k in keep} for r in [*plain, *regularized]],
         "table": rows, "runs": evaluations,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -10,10 +10,8 @@ and replacing each node by a narrow Gaussian gives a smooth estimate of ρ (Lin,
 and Yang, "Approximating spectral densities of large matrices", SIAM Review 2016;
 Ghorbani, Krishnan and Xiao, ICML 2019, for neural-network Hessians).
 
-Lanczos here reorthogonalizes every new vector against all previous ones. Without it,
-rounding makes converged Ritz values reappear as spurious copies, which puts false mass
-at the extreme eigenvalues, exactly where flatness is read off. The cost is the m×d
-basis in memory and O(m²d) flops, negligible next to m HVPs at the sizes we analyse.
+Lanczos (:mod:`flat_l2o_plugin.regularizers.lanczos`) reorthogonalizes fully, so that
+converged Ritz values do not reappear as spurious copies at the extreme eigenvalues.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from ..protocols import LossFn, Params
 from ..regularizers._hvp import gradient, hvp, random_like
+from ..regularizers.lanczos import Matvec, lanczos, ritz_pairs
 
 __all__ = [
     "Matvec",
@@ -40,64 +39,15 @@ __all__ = [
     "stochastic_lanczos_quadrature",
 ]
 
-Matvec = Callable[[Tensor], Tensor]
-"""``matvec(v)`` returns H v for a flat vector ``v`` of length d."""
-
 
 def lanczos_tridiagonal(matvec: Matvec, start: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """Run symmetric Lanczos with full reorthogonalization from ``start``.
-
-    Args:
-        matvec: The symmetric operator, on flat vectors.
-        start: The starting vector (any nonzero norm; it is normalized).
-        steps: The most Lanczos steps to take; capped at the dimension.
+    """The tridiagonal of :func:`flat_l2o_plugin.regularizers.lanczos.lanczos` (no basis).
 
     Returns:
-        ``(alphas, betas)``: the diagonal (m,) and off-diagonal (m−1,) of the tridiagonal
-        matrix, m ≤ ``steps``. The run stops early when the Krylov space becomes
-        invariant; the quadrature it defines is then exact.
-
-    Raises:
-        ValueError: ``start`` is zero or not finite, or ``matvec`` returned a
-            non-finite vector.
+        ``(alphas, betas)``: the diagonal (m,) and off-diagonal (m−1,), m ≤ ``steps``.
     """
-    dim = start.numel()
-    steps = min(int(steps), dim)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
-    start = start.reshape(-1)
-    start_norm = torch.linalg.vector_norm(start)
-    if not bool(torch.isfinite(start_norm)) or float(start_norm) == 0.0:
-        raise ValueError("the Lanczos start vector must be finite and nonzero")
-    basis = torch.empty(steps, dim, dtype=start.dtype, device=start.device)
-    basis[0] = start / start_norm
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    # A relative breakdown test: with full reorthogonalization, once the Krylov space is
-    # invariant the residual is rounding noise of size ~eps·‖H‖, never exactly zero.
-    breakdown = math.sqrt(torch.finfo(start.dtype).eps)
-    scale = 0.0
-    for j in range(steps):
-        w = matvec(basis[j]).reshape(-1)
-        alpha = torch.dot(basis[j], w)
-        if not bool(torch.isfinite(alpha)):
-            raise ValueError(f"the operator returned a non-finite vector at Lanczos step {j}")
-        w = w - alpha * basis[j]
-        if j > 0:
-            w = w - betas[-1] * basis[j - 1]
-        # Classical Gram-Schmidt applied twice keeps the basis orthogonal to working
-        # precision ("twice is enough", Giraud et al. 2005), with two matrix products.
-        done = basis[: j + 1]
-        for _ in range(2):
-            w = w - done.T @ (done @ w)
-        alphas.append(alpha)
-        beta = torch.linalg.vector_norm(w)
-        scale = max(scale, abs(float(alpha)), float(beta))
-        if j == steps - 1 or float(beta) <= breakdown * scale:
-            break
-        betas.append(beta)
-        basis[j + 1] = w / beta
-    return torch.stack(alphas), (torch.stack(betas) if betas else start.new_zeros(0))
+    alphas, betas, _ = lanczos(matvec, start, steps)
+    return alphas, betas
 
 
 def gauss_quadrature(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,11 +57,7 @@ def gauss_quadrature(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
         ``(nodes, weights)``, both (m,): the eigenvalues of T in ascending order and the
         squared first components of its unit eigenvectors, which sum to 1.
     """
-    m = alphas.numel()
-    tridiagonal = torch.diag(alphas)
-    if m > 1:
-        tridiagonal = tridiagonal + torch.diag(betas, 1) + torch.diag(betas, -1)
-    nodes, vectors = torch.linalg.eigh(tridiagonal)
+    nodes, vectors = ritz_pairs(alphas, betas)
     return nodes, vectors[0] ** 2
 
 

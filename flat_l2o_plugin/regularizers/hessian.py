@@ -12,6 +12,13 @@ by power iteration on Hessian-vector products (Pearlmutter 1994), but with two c
   unroll are close, so one or two HVPs per call track the top eigenvector that a cold
   start needs ~10-20 HVPs to find. The final (differentiable) HVP also advances the
   stored probe by one power step at no extra cost.
+
+``method="lanczos"`` replaces power iteration by Lanczos (the top Ritz pair of the
+Krylov space). The top of a network Hessian's spectrum is often clustered (relative
+gaps of a few percent), where power iteration converges slowly and Lanczos does not:
+on the digits MLP, 10 Lanczos steps reach ~1e-4 relative error where 10 power steps
+reach ~4e-2 (``benchmarks/regularizer_cost.py``). The value uᵀH(θ)u at the Ritz vector
+u equals the Ritz value, so the same single differentiable HVP serves both methods.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..protocols import LossFn, Params
 from ._hvp import as_graph_params, dot, gradient, hvp, normalized, random_like, seeded_generator
+from .lanczos import lanczos, ritz_pairs
 
 __all__ = ["HessianTopEigenvalue", "power_iteration", "hessian_eigenpairs"]
 
@@ -75,6 +83,10 @@ class HessianTopEigenvalue:
         which: ``"largest"``: the largest algebraic eigenvalue (if the dominant one is
             negative, a shifted iteration finds the largest). ``"magnitude"``: the
             spectral norm max|λ_i| (the returned value is |vᵀHv|).
+        method: ``"power"`` (cheapest per call; the default for warm-started use in
+            meta-training) or ``"lanczos"`` (far fewer HVPs for a given accuracy from a
+            cold start; on warm calls it runs ``max(warm_iters, 2)`` Lanczos steps from
+            the carried Ritz vector).
         seed: Seed of the probe generator (default: drawn from torch's global RNG).
 
     The call returns a 0-dim tensor differentiable in ``params``. ``last_value`` holds the
@@ -88,6 +100,7 @@ class HessianTopEigenvalue:
         warm_iters: int = 1,
         tol: float = 1e-3,
         which: Literal["largest", "magnitude"] = "largest",
+        method: Literal["power", "lanczos"] = "power",
         seed: int | None = None,
     ) -> None:
         if not isinstance(iters, int) or iters < 1:
@@ -98,8 +111,10 @@ class HessianTopEigenvalue:
             raise ConfigError(f"hessian_top_eigenvalue: tol must be >= 0, got {tol!r}")
         if which not in ("largest", "magnitude"):
             raise ConfigError(f"hessian_top_eigenvalue: which must be 'largest' or 'magnitude', got {which!r}")
+        if method not in ("power", "lanczos"):
+            raise ConfigError(f"hessian_top_eigenvalue: method must be 'power' or 'lanczos', got {method!r}")
         self.iters, self.warm_start, self.warm_iters = iters, bool(warm_start), warm_iters
-        self.tol, self.which = float(tol), which
+        self.tol, self.which, self.method = float(tol), which, method
         self._generator = seeded_generator(seed)
         self._probe: list[Tensor] | None = None
         self.last_value: float | None = None
@@ -120,23 +135,44 @@ class HessianTopEigenvalue:
             probe = random_like(params, self._generator)
         probe = [p.to(device=q.device, dtype=q.dtype) for p, q in zip(probe, params)]
         n = self.warm_iters if warm else self.iters
-        estimate, v, used = power_iteration(grads, params, probe, n, self.tol)
-        if n == 0:
-            v = normalized([p.detach() for p in probe])
-        elif self.which == "largest" and estimate < 0:
-            # The dominant eigenvalue is negative: on H - estimate·I every eigenvalue is
-            # >= 0 and the dominant one is λ_max - estimate.
-            estimate, v, more = power_iteration(
-                grads, params, random_like(params, self._generator), self.iters, self.tol, shift=estimate)
-            used += more
+        if self.method == "lanczos":
+            v, used = self._lanczos(grads, params, probe, max(n, 2) if warm else n)
+        else:
+            estimate, v, used = power_iteration(grads, params, probe, n, self.tol)
+            if n == 0:
+                v = normalized([p.detach() for p in probe])
+            elif self.which == "largest" and estimate < 0:
+                # The dominant eigenvalue is negative: on H - estimate·I every eigenvalue is
+                # >= 0 and the dominant one is λ_max - estimate.
+                estimate, v, more = power_iteration(
+                    grads, params, random_like(params, self._generator), self.iters, self.tol, shift=estimate)
+                used += more
         hv = hvp(grads, params, v, create_graph=True)
         value = dot(v, hv)
         if self.which == "magnitude":
             value = value.abs()
         if self.warm_start:
-            self._probe = normalized([h.detach() for h in hv])
+            # Power iteration advances the probe by the free HVP; a Ritz vector is kept as is.
+            self._probe = v if self.method == "lanczos" else normalized([h.detach() for h in hv])
         self.last_value, self.last_hvps = float(value.detach()), used + 1
         return value
+
+    def _lanczos(self, grads: list[Tensor], params: list[Tensor], probe: Sequence[Tensor],
+                 steps: int) -> tuple[list[Tensor], int]:
+        """The Ritz vector of the wanted eigenvalue, and the HVPs spent."""
+        sizes = [p.numel() for p in params]
+
+        def split(flat: Tensor) -> list[Tensor]:
+            return [c.view_as(p) for c, p in zip(flat.split(sizes), params)]
+
+        def matvec(flat: Tensor) -> Tensor:
+            return torch.cat([h.reshape(-1) for h in hvp(grads, params, split(flat), create_graph=False)])
+
+        start = torch.cat([p.detach().reshape(-1) for p in probe])
+        alphas, betas, basis = lanczos(matvec, start, steps, tol=self.tol)
+        values, vectors = ritz_pairs(alphas, betas)
+        index = -1 if self.which == "largest" else int(values.abs().argmax())
+        return split(basis.T @ vectors[:, index]), alphas.numel()
 
 
 def hessian_eigenpairs(

@@ -140,3 +140,34 @@ def test_deterministic_under_a_seed_and_works_in_float32(tiny_mlp):
 def test_bad_options_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         HessianTopEigenvalue(**bad)
+
+
+def test_lanczos_matches_eigvalsh_with_few_hvps(tiny_mlp, hessian_of):
+    params = tiny_mlp.init_params(7)
+    exact = _eigvalsh(hessian_of, tiny_mlp.loss, params).max().item()
+    reg = HessianTopEigenvalue(method="lanczos", iters=26, warm_start=False, tol=1e-12, seed=0)
+    assert reg(params, tiny_mlp.loss).item() == pytest.approx(exact, rel=1e-8)
+    power = HessianTopEigenvalue(method="power", iters=reg.last_hvps, warm_start=False, tol=0, seed=0)
+    power_error = abs(power(params, tiny_mlp.loss).item() - exact)
+    assert abs(reg.last_value - exact) <= power_error + 1e-12  # same HVP budget, at least as accurate
+
+
+def test_lanczos_which_largest_and_magnitude():
+    a = torch.diag(torch.tensor([-5.0, -1.0, 0.5], dtype=torch.float64))
+    loss_fn = lambda p: 0.5 * p[0] @ a @ p[0]  # noqa: E731
+    x = [torch.ones(3, dtype=torch.float64)]
+    largest = HessianTopEigenvalue(method="lanczos", iters=3, warm_start=False, tol=0, seed=0)(x, loss_fn)
+    magnitude = HessianTopEigenvalue(method="lanczos", iters=3, warm_start=False, tol=0, which="magnitude",
+                                     seed=0)(x, loss_fn)
+    assert largest.item() == pytest.approx(0.5, rel=1e-10)
+    assert magnitude.item() == pytest.approx(5.0, rel=1e-10)
+
+
+def test_lanczos_warm_start_carries_the_ritz_vector(tiny_mlp, hessian_of):
+    params = tiny_mlp.init_params(8)
+    reg = HessianTopEigenvalue(method="lanczos", iters=26, warm_start=True, warm_iters=2, tol=1e-12, seed=0)
+    reg(params, tiny_mlp.loss)
+    moved = [p + 1e-3 for p in params]
+    value = reg(moved, tiny_mlp.loss).item()
+    assert reg.last_hvps == 3
+    assert value == pytest.approx(_eigvalsh(hessian_of, tiny_mlp.loss, moved).max().item(), rel=1e-4)
