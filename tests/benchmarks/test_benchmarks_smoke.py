@@ -1,0 +1,34 @@
+"""The benchmarks run end to end at their --quick budget (their numbers are not checked here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.integration
+def test_schedules_quick(tmp_path):
+    out = tmp_path / "schedules.json"
+    result = _load("schedules").main(["--quick", "--workers", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {r["config"] for r in result["rows"]} >= {"none", "α=1 from step 0", "scale-free α=0.1, late"}
+
+
+@pytest.mark.slow
+def test_regularizer_cost_quick(tmp_path):
+    out = tmp_path / "cost.json"
+    result = _load("regularizer_cost").main(["--quick", "--out", str(out)])
+    assert result["meta_iteration"]["mlp_digits"]["none"]["ratio"] == 1.0
+    assert set(result["libraries"]) >= {"ours: top eigenvalue (lanczos, tol 1e-3)"}
