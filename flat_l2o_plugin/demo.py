@@ -134,16 +134,17 @@ def run_demo(out_dir: str | os.PathLike[str] = "runs/demo", *, config: DemoConfi
     bar.close()
 
     rows = summarize(evaluations)
+    paired = paired_differences(evaluations, baseline="rnnprop", treatment=label_reg)
     seconds = time.perf_counter() - start
     keep = ("seed", "regularizers", "best_val_accuracy", "best_step", "skipped", "seconds", "validation")
     results = {
         "config": asdict(cfg), "alpha": alpha, "adam_lr": adam_lr, "adam_val_accuracy": adam_scores,
         "seconds": seconds, "sweep": [{k: r[k] for k in keep} for r in sweep_runs],
         "meta_training": [{k: r[k] for k in keep} for r in [*plain, *regularized]],
-        "table": rows, "runs": evaluations,
+        "table": rows, "paired": paired, "runs": evaluations,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = format_table(rows)
+    table = format_table(rows) + "\n\n" + format_paired(paired, baseline="rnnprop", treatment=label_reg)
     (out / "table.txt").write_text(table + "\n")
     plot_curves(evaluations, out / "curves.png")
     log("")
@@ -168,6 +169,42 @@ def summarize(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "train_loss_std": loss_std, "top_eigenvalue": eig, "top_eigenvalue_std": eig_std,
                      "diverged": sum(e["diverged_at"] is not None for e in group)})
     return rows
+
+
+def paired_differences(evaluations: list[dict[str, Any]], *, baseline: str, treatment: str) -> list[dict[str, Any]]:
+    """Test-accuracy difference treatment − baseline, paired by (meta-training seed, optimizee seed).
+
+    Returns per task: the mean difference, its 95% confidence interval (Student t), the
+    number of pairs and how many the treatment wins.
+    """
+    from scipy import stats
+
+    out = []
+    for task in HELD_OUT_TASKS:
+        by_key = {}
+        for e in evaluations:
+            if e["task"] == task and e["optimizer"] in (baseline, treatment):
+                by_key.setdefault((e["meta_seed"], e["seed"]), {})[e["optimizer"]] = e["test_accuracy"]
+        diffs = [v[treatment] - v[baseline] for v in by_key.values() if len(v) == 2]
+        if not diffs:
+            continue
+        mean = statistics.fmean(diffs)
+        half = (stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+                if len(diffs) > 1 else math.nan)
+        out.append({"task": task, "mean_difference": mean, "ci95": [mean - half, mean + half], "pairs": len(diffs),
+                    "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)})
+    return out
+
+
+def format_paired(paired: list[dict[str, Any]], *, baseline: str, treatment: str) -> str:
+    lines = [f"paired test-accuracy difference, {treatment} − {baseline}, paired by meta-training and optimizee seed",
+             "(pairs that share a meta-training seed are not independent: the interval is optimistic):"]
+    for p in paired:
+        low, high = p["ci95"]
+        verdict = "within noise" if low <= 0 <= high else ("better" if low > 0 else "worse")
+        lines.append(f"  {p['task']:<26} {100 * p['mean_difference']:+6.2f} points, 95% CI [{100 * low:+.2f}, "
+                     f"{100 * high:+.2f}], wins {p['wins']}/{p['pairs']} ({verdict})")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
