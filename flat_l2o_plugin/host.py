@@ -210,13 +210,15 @@ class FlatL2O:
     def create_regularizer(self, name: str, **options: Any) -> Regularizer:
         """Build the registered regularizer ``name`` with ``options`` (no weight, no schedule)."""
         info = self._regularizer_info(name)
+        who = f"regularizer {name!r} (from plugin {self.components.regularizers.provider(name)!r})"
+        try:
+            info.check_options(options)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(f"regularizer {name!r}", who, 1)) from None
         try:
             return info.create(**options)
-        except TypeError as exc:
-            raise ConfigError(f"regularizer {name!r} (from plugin "
-                              f"{self.components.regularizers.provider(name)!r}): {exc}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"regularizer {name!r}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{who}: {exc}") from exc
 
     def _regularizer_info(self, name: str):  # noqa: ANN202
         registry = self.components.regularizers

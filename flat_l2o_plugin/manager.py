@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pluggy
 
@@ -184,15 +184,18 @@ class FlatL2OPluginManager(pluggy.PluginManager):
         return True
 
     def load_entry_points(
-        self, *, load: Sequence[str] | None = None, disable: Sequence[str] = (),
+        self, *, load: Sequence[str] | None = None, disable: Sequence[str] | Mapping[str, str] = (),
         disabled_by: str = ENV_DISABLE, allowed_by: str = ENV_LOAD, builtins: bool = True,
     ) -> None:
         """Load every entry point of the group, one at a time, in sorted order.
 
         ``load``, when not ``None``, is an allow-list of third-party plugins (pip or
-        entry-point names); ``disable`` is a deny-list that also applies to ``builtin``.
+        entry-point names); ``disable`` is a deny-list that also applies to ``builtin``:
+        names, or a mapping from name to the setting that disabled it (default
+        ``disabled_by``), which records and error messages then cite.
         """
-        deny = {normalize_name(n) for n in disable}
+        deny = ({normalize_name(n): by for n, by in disable.items()} if isinstance(disable, Mapping)
+                else {normalize_name(n): disabled_by for n in disable})
         allow = None if load is None else {normalize_name(n) for n in load}
         seen: set[tuple[str, str]] = set()
         builtin_found = False
@@ -209,8 +212,8 @@ class FlatL2OPluginManager(pluggy.PluginManager):
                                   value=ep.value)
             if is_builtin and not builtins:
                 continue
-            if names & deny:
-                self._disable(record, disabled_by)
+            if names & deny.keys():
+                self._disable(record, deny[sorted(names & deny.keys())[0]])
                 continue
             if allow is not None and not is_builtin and not names & allow:
                 self._disable(record, allowed_by)
@@ -221,8 +224,8 @@ class FlatL2OPluginManager(pluggy.PluginManager):
             # but our own plugin is still ours to load.
             record = PluginRecord(name=BUILTIN_PLUGIN, distribution=_OUR_DISTRIBUTION,
                                   version=_our_version(), value=_BUILTIN_MODULE)
-            if {BUILTIN_PLUGIN, _OUR_DISTRIBUTION} & deny:
-                self._disable(record, disabled_by)
+            if {BUILTIN_PLUGIN, _OUR_DISTRIBUTION} & deny.keys():
+                self._disable(record, deny[sorted({BUILTIN_PLUGIN, _OUR_DISTRIBUTION} & deny.keys())[0]])
             else:
                 self._load_one(lambda: importlib.import_module(_BUILTIN_MODULE), record)
 
@@ -352,7 +355,7 @@ def get_plugin_manager(
     *,
     strict: bool | None = None,
     load: Sequence[str] | None = None,
-    disable: Sequence[str] | None = None,
+    disable: Sequence[str] | Mapping[str, str] | None = None,
     plugins: Iterable[Any] = (),
     entry_points: bool = True,
     builtins: bool = True,
@@ -363,7 +366,8 @@ def get_plugin_manager(
         strict: Raise on a plugin that fails to load (default: ``FLAT_L2O_STRICT_PLUGINS``).
         load: Allow-list of third-party plugins, by pip or entry-point name (default:
             ``FLAT_L2O_LOAD_PLUGINS``; ``None`` loads all).
-        disable: Deny-list (default: ``FLAT_L2O_DISABLE_PLUGINS``).
+        disable: Deny-list (default: ``FLAT_L2O_DISABLE_PLUGINS``), or a mapping from
+            name to the setting that disabled it, for messages.
         plugins: Extra plugin objects (modules or instances) to register after the
             entry points, e.g. a host's own hooks. A ``(name, plugin)`` pair sets the name.
         entry_points: Discover installed entry points. ``False`` gives a manager with

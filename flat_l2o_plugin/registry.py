@@ -9,10 +9,11 @@ that a clash can name both providers.
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-from .errors import DuplicateComponentError, PluginValidationError, UnknownComponentError
+from .errors import ConfigError, DuplicateComponentError, PluginValidationError, UnknownComponentError
 
 __all__ = [
     "ComponentInfo",
@@ -49,8 +50,31 @@ class ComponentInfo:
             raise TypeError(f"{type(self).__name__}({self.name!r}).factory must be callable")
 
     def create(self, **options: Any) -> Any:
-        """Build the component from its defaults overridden by ``options``."""
+        """Build the component from its defaults overridden by ``options``.
+
+        Raises:
+            ConfigError: an option the factory does not take (with the closest valid one).
+        """
+        self.check_options(options)
         return self.factory(**{**self.defaults, **options})
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` for an option name the factory does not accept."""
+        try:
+            signature = inspect.signature(self.factory)
+        except (TypeError, ValueError):  # builtins and C callables: let the call decide
+            return
+        params = signature.parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return
+        valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in options:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                kind = type(self).__name__.removesuffix("Info").lower()
+                raise ConfigError(f"{kind} {self.name!r} has no option {key!r}{hint}; "
+                                  f"its options: {', '.join(valid) or 'none'}")
 
 
 @dataclass(frozen=True)
