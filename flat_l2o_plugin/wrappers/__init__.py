@@ -1,0 +1,18 @@
+"""Retrofit wrappers: flatness-aware meta-training for learned optimizers we did not write.
+
+* :class:`FlatnessAware` (registered as ``flatness_aware``) adds the activated
+  regularizers to any learned optimizer's meta-training.
+* :class:`ForeignAdapter` (registered as ``foreign``) turns a user's
+  ``forward(grad, hidden) -> (update, hidden)`` module into a learned optimizer.
+* :func:`wrap` nests registered wrappers from configuration, first entry innermost.
+
+Every wrapper is transparent as a module: ``state_dict()`` keys are the wrapped model's.
+"""
+
+from __future__ import annotations
+
+from .flatness import FlatnessAware
+from .foreign import ForeignAdapter
+from .stack import LearnedOptimizerWrapper, TransparentWrapper, unwrap, wrap
+
+__all__ = ["FlatnessAware", "ForeignAdapter", "LearnedOptimizerWrapper", "TransparentWrapper", "unwrap", "wrap"]
