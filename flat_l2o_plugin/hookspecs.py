@@ -118,6 +118,8 @@ def flatness_terms(
     optimizer: Any,
     active: Mapping[str, ActiveRegularizer],
     loss: Tensor | None,
+    horizon: int | None,
+    initial_loss: float | None,
 ) -> Mapping[str, Tensor] | None:
     """Return named, already-weighted penalty terms for the meta-loss at one iterate.
 
@@ -143,6 +145,8 @@ def flatness_terms(
             own terms must return them only when its configuration activated them.
         loss: The mini-batch loss at ``params`` if the host already computed it, else
             ``None``.
+        horizon: The trajectory length T, if the host knows it (θ_T is the last iterate).
+        initial_loss: f(θ_0) of this trajectory, if the host knows it.
 
     Returns:
         A mapping from term name to a 0-dim tensor, or ``None`` for no terms.

@@ -278,7 +278,7 @@ class FlatL2O:
                 continue
             try:
                 results = caller(params=params, loss_fn=loss_fn, step=step, optimizer=optimizer,
-                                 active=active, loss=loss)
+                                 active=active, loss=loss, horizon=horizon, initial_loss=initial_loss)
             except PluginHookError as exc:
                 raise PluginHookError(f"{exc} (hook flatness_terms, step {step})") from exc.__cause__
             except FlatL2OError:

@@ -62,9 +62,10 @@ class Recorder:
         self.calls["register_tasks"].append({"register": register})
 
     @hookimpl
-    def flatness_terms(self, params, loss_fn, step, optimizer, active, loss):
+    def flatness_terms(self, params, loss_fn, step, optimizer, active, loss, horizon, initial_loss):
         self.calls["flatness_terms"].append(dict(params=params, loss_fn=loss_fn, step=step,
-                                                 optimizer=optimizer, active=active, loss=loss))
+                                                 optimizer=optimizer, active=active, loss=loss,
+                                                 horizon=horizon, initial_loss=initial_loss))
 
     @hookimpl
     def after_unroll(self, step, meta_loss, logs):
@@ -158,7 +159,7 @@ def test_flatness_terms_receives_the_documented_arguments(recorder):
     optimizer = object()
     flat = FlatL2O({"recorded_norm": {"weight": 0.5}}, plugin_manager=pm)
 
-    terms = flat.flatness_terms(params, loss_fn, 7, optimizer=optimizer, loss=loss)
+    terms = flat.flatness_terms(params, loss_fn, 7, optimizer=optimizer, loss=loss, horizon=20, initial_loss=2.5)
 
     assert list(terms) == ["recorded_norm"]
     torch.testing.assert_close(terms["recorded_norm"], 0.5 * squared_norm(params, loss_fn))
@@ -166,6 +167,7 @@ def test_flatness_terms_receives_the_documented_arguments(recorder):
     assert set(call) == spec_arguments("flatness_terms")
     assert call["params"] is params and call["loss_fn"] is loss_fn and call["loss"] is loss
     assert call["step"] == 7 and call["optimizer"] is optimizer
+    assert call["horizon"] == 20 and call["initial_loss"] == 2.5
     assert list(call["active"]) == ["recorded_norm"]
     assert call["active"]["recorded_norm"] is flat.active["recorded_norm"]
 
@@ -176,6 +178,7 @@ def test_flatness_terms_passes_none_for_what_the_host_does_not_have(recorder):
     FlatL2O(plugin_manager=pm).flatness_terms(params, loss_fn, 0)
     (call,) = rec.calls["flatness_terms"]
     assert call["optimizer"] is None and call["loss"] is None and call["active"] == {}
+    assert call["horizon"] is None and call["initial_loss"] is None
 
 
 def test_after_unroll_receives_the_documented_arguments(recorder):

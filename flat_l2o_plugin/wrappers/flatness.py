@@ -73,8 +73,7 @@ class FlatnessAware(LearnedOptimizerWrapper):
         plugin_manager: Where regularizer names are looked up when ``regularizers`` is
             a config (default: a fresh :func:`~flat_l2o_plugin.get_plugin_manager`).
         horizon: The trajectory length T used by ``at="last"`` and ``start_fraction``
-            schedules when a host does not pass ``horizon`` (hosts reached through
-            :meth:`attach` never do).
+            schedules when a host does not pass ``horizon``.
 
     Raises:
         ConfigError: ``optimizer`` is not a learned optimizer, a bad activation option,
@@ -300,12 +299,13 @@ class _AttachedTerms:
 
     @hookimpl
     def flatness_terms(self, params: Params, loss_fn: LossFn, step: int, optimizer: Any,
-                       loss: Tensor | None) -> dict[str, Tensor] | None:
+                       loss: Tensor | None, horizon: int | None,
+                       initial_loss: float | None) -> dict[str, Tensor] | None:
         # A host that names no optimizer attached us on purpose; one that names another
         # optimizer is training something else with the same facade.
         if optimizer is not None and not any(layer is self.wrapper for layer in unwrap(optimizer)):
             return None
-        return self.wrapper.meta_terms(params, loss_fn, step, loss=loss)
+        return self.wrapper.meta_terms(params, loss_fn, step, loss=loss, horizon=horizon, initial_loss=initial_loss)
 
 
 def _steps_taken(state: Mapping[str, Tensor], owner: str) -> int:
