@@ -1,0 +1,149 @@
+"""Make a meta-trained learned optimizer one of timm's optimizers.
+
+One call registers it in timm's optimizer registry; from then on every timm entry point
+that builds an optimizer by name builds it, ``create_optimizer_v2`` and the training
+script's ``--opt`` included::
+
+    from flat_l2o_plugin.integrations.timm import register_with_timm
+    register_with_timm("l2o-rnnprop", weights="rnnprop.safetensors")
+
+    optimizer = timm.optim.create_optimizer_v2(model, "l2o-rnnprop", lr=1.0, weight_decay=1e-4)
+
+What timm's arguments mean for a learned optimizer (it builds a
+:class:`~flat_l2o_plugin.integrations.torch_optim.LearnedOptimizerTorch`):
+
+- ``lr`` multiplies the learned update: 1.0 (the default when ``lr`` is ``None``)
+  applies it as meta-trained, smaller values shrink every step. timm's schedulers set
+  each group's ``lr`` (times its ``lr_scale`` under layer decay), so a warm-up or a
+  cosine schedule anneals the learned steps. Learning rates tuned for SGD or AdamW
+  (0.1, 1e-3) are not meaningful here: start from 1.0.
+- ``weight_decay`` is an L2 coefficient added to the gradient the learned optimizer
+  sees. With a model, timm puts biases and norm weights in a group with
+  ``weight_decay=0`` (``filter_bias_and_bn``), which is honoured per group.
+- ``momentum``, ``eps`` and ``betas`` do not apply; the registration says so
+  (``has_momentum``, ``has_eps``, ``has_betas`` are false), so timm drops them.
+
+Names may not contain ``_``: ``create_optimizer_v2`` reads ``"a_b"`` as optimizer ``b``
+with the prefix ``a`` (``lookahead_adam``), so ``"l2o_rnnprop"`` would look up
+``"rnnprop"``. Use ``-`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from timm.optim._optim_factory import OptimInfo, OptimizerRegistry, default_registry
+from torch import nn
+
+from ..errors import ConfigError
+from ..optimizers.weights import read_learned_optimizer_config
+from .torch_optim import LearnedOptimizerTorch
+
+__all__ = ["TimmRegistrationError", "register_with_timm"]
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
+
+
+class TimmRegistrationError(ConfigError):
+    """A name cannot be registered in timm: badly formed, or taken by another optimizer."""
+
+
+def register_with_timm(
+    name: str,
+    optimizer: nn.Module | str | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    registry: OptimizerRegistry | None = None,
+) -> OptimInfo:
+    """Register a learned optimizer in timm's optimizer registry under ``name``.
+
+    The registration is checked by building the optimizer once, so a missing weights
+    file or an unknown name fails here rather than at the first training run.
+    Registering the same name again with the same configuration does nothing;
+    registering a different one under a taken name (another learned optimizer, or one
+    of timm's own such as ``"adamw"``) raises instead of replacing it, which is what
+    timm itself would do silently.
+
+    Args:
+        name: The name to pass as ``opt`` to ``create_optimizer_v2``: lower case,
+            letters, digits, ``-`` and ``.``, no ``_`` (see the module docstring).
+        optimizer: As for :class:`LearnedOptimizerTorch`: a meta-trained module, a
+            registered learned-optimizer name, or ``None`` with ``weights``.
+        weights: A file from :func:`~flat_l2o_plugin.optimizers.weights.save_learned_optimizer`
+            (the usual case). Stored as an absolute path; read at each creation.
+        options: Options of a named optimizer without ``weights``.
+        description: Shown by ``timm.optim.list_optimizers(with_description=True)``;
+            derived from the configuration by default.
+        registry: The timm registry to register in; timm's ``default_registry``
+            (used by ``create_optimizer_v2``) by default.
+
+    Returns:
+        The ``OptimInfo`` now registered under ``name``.
+
+    Raises:
+        TimmRegistrationError: ``name`` is badly formed, or taken by a different
+            configuration.
+        ConfigError: The configuration does not build a learned optimizer (see
+            :class:`LearnedOptimizerTorch`); a ``WeightsError`` for a bad file.
+
+    Example:
+        >>> register_with_timm("l2o-rnnprop", weights="runs/rnnprop.safetensors")
+        >>> opt = timm.optim.create_optimizer_v2(model, "l2o-rnnprop", lr=1.0)
+        >>> isinstance(opt, LearnedOptimizerTorch)
+        True
+    """
+    registry = default_registry if registry is None else registry
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        hint = f" (try {name.replace('_', '-').lower()!r})" if isinstance(name, str) and name else ""
+        raise TimmRegistrationError(
+            f"register_with_timm: name {name!r} must be lower case letters, digits, '-' or '.', "
+            f"starting with a letter or digit{hint}; timm's create_optimizer_v2 reads '_' as a "
+            f"prefix separator (lookahead_adam), so a name with '_' could never be selected"
+        )
+    resolved_weights = None if weights is None else str(Path(weights).resolve())
+    defaults: dict[str, Any] = {
+        "optimizer": optimizer,
+        "weights": resolved_weights,
+        "options": None if options is None else dict(options),
+    }
+    # Building it once surfaces a bad file or name now, with the error that names it.
+    LearnedOptimizerTorch([nn.Parameter(torch.zeros(1))], **defaults)
+
+    if description is None:
+        what = (read_learned_optimizer_config(resolved_weights)["optimizer"] if resolved_weights
+                else optimizer if isinstance(optimizer, str) else type(optimizer).__name__)
+        source = (f"weights {resolved_weights}" if resolved_weights
+                  else "initial, untrained weights" if isinstance(optimizer, str)
+                  else "the module given at registration")
+        description = f"flat-l2o-plugin learned optimizer {what!r} ({source}); lr multiplies the learned update"
+    info = OptimInfo(
+        name=name,
+        opt_class=LearnedOptimizerTorch,
+        description=description,
+        has_eps=False,
+        has_momentum=False,
+        has_betas=False,
+        defaults=defaults,
+    )
+    if name in registry.list_optimizers():
+        existing = registry.get_optimizer_info(name)
+        if existing == info:
+            return existing
+        raise TimmRegistrationError(
+            f"register_with_timm: timm already has an optimizer {name!r} ({_describe(existing)}); "
+            f"it differs from this one ({_describe(info)}): choose another name"
+        )
+    registry.register(info)
+    return info
+
+
+def _describe(info: OptimInfo) -> str:
+    cls = info.opt_class if isinstance(info.opt_class, str) else getattr(info.opt_class, "__name__", info.opt_class)
+    return f"class {cls}, defaults {info.defaults}"
+

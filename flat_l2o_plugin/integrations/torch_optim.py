@@ -1,0 +1,479 @@
+"""A meta-trained learned optimizer behind the ``torch.optim.Optimizer`` interface.
+
+With it, any ``nn.Module`` trains in the usual loop::
+
+    opt = LearnedOptimizerTorch(model.parameters(), weights="rnnprop.safetensors")
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+Each step runs the learned optimizer once per parameter group, on all of that group's
+coordinates flattened into one batch, under ``torch.no_grad()``: no graph is kept and
+the learned optimizer's own weights are frozen. With one group and the default options
+the parameters follow, bit for bit, the trajectory of calling the learned optimizer's
+``step(params, grads, state)`` directly, as the meta-trainer's validation does.
+
+Group options (each parameter group may set its own; the constructor sets defaults):
+
+- ``lr``: a multiplier on the learned update. The learned optimizer proposes
+  θ' = step(θ, g); the parameters become θ + lr·(θ' − θ). ``lr=1.0`` (the default)
+  applies the update as meta-trained, bit for bit; ``0.5`` halves every step; ``0``
+  freezes the group while its state still advances. Because it is called ``lr``,
+  ``torch.optim.lr_scheduler`` and timm's schedulers anneal it like a learning rate.
+- ``weight_decay``: an L2 coefficient λ ≥ 0 added to the gradient the learned
+  optimizer sees, g + λθ (the coupled form of ``torch.optim.Adam``), so the learned
+  optimizer minimises f(θ) + λ/2‖θ‖². A learned optimizer has no learning rate to
+  decouple it from, so the coupled form is the one that means the same thing for
+  every model.
+
+Other keys in a group (timm's ``lr_scale``, ``param_names``) are kept and ignored, as
+``torch.optim`` does.
+
+State of a coordinatewise learned optimizer (RNNProp, L2O-DM: a coordinate's update
+depends only on its own history): the recurrent state is split per parameter and kept
+in ``self.state[p]``; every per-coordinate tensor is sliced to ``p``'s coordinates and
+each scalar (the step count) is copied. It goes through ``state_dict()`` /
+``load_state_dict()`` like Adam's moments. A parameter whose ``.grad`` is ``None`` at a
+step is skipped: its coordinates keep their state and its step count does not advance.
+Parameters whose scalars differ (one skipped a step) are batched separately, so every
+coordinate always sees exactly the state it would see on its own.
+
+State of a learned optimizer that is not coordinatewise (L2O-Scale, whose tensor and
+global RNNs pool over coordinates): a group is one unit. Its whole state is kept in
+``self.state`` of the group's first parameter, and every step passes all of the group's
+parameters, in order, so the state always describes the same coordinates. A parameter
+without a gradient gets a zero gradient and keeps its values, but its share of the
+recurrent state advances with the rest of the group. Whether an optimizer is
+coordinatewise comes from its registration (``OptimizerInfo.coordinatewise``); pass
+``coordinatewise=`` for a module the registry does not know.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, FlatL2OError
+
+__all__ = ["LearnedOptimizerTorch", "OptimizerStateError", "UntrainedOptimizerWarning"]
+
+
+class OptimizerStateError(ConfigError):
+    """The state of a :class:`LearnedOptimizerTorch` does not fit its learned optimizer.
+
+    Raised when a loaded ``state_dict`` was saved with another learned optimizer (its
+    keys differ) or for other parameters (its sizes differ), and when the state of an
+    optimizer taken to be coordinatewise does not split per parameter.
+    """
+
+
+class UntrainedOptimizerWarning(UserWarning):
+    """A learned optimizer was built by name without weights, so it has never been meta-trained."""
+
+
+class LearnedOptimizerTorch(torch.optim.Optimizer):
+    """Train any ``nn.Module`` with a meta-trained learned optimizer.
+
+    Args:
+        params: Parameters or parameter groups, as for any ``torch.optim`` optimizer.
+            A group may set ``lr`` and ``weight_decay`` (see the module docstring).
+        optimizer: The learned optimizer: an ``nn.Module`` following
+            :class:`~flat_l2o_plugin.protocols.LearnedOptimizer` (a frozen copy is
+            taken, so later changes to it do not reach this optimizer), or a
+            registered name such as ``"rnnprop"``. With ``weights``, it may be left
+            out or give the name the file must record.
+        weights: A file written by
+            :func:`~flat_l2o_plugin.optimizers.weights.save_learned_optimizer`; the
+            learned optimizer is rebuilt from it.
+        options: Keyword options when ``optimizer`` is a registered name and no
+            ``weights`` are given (a weights file records its own).
+        lr: Default multiplier on the learned update; 1.0 applies it as meta-trained.
+        weight_decay: Default L2 coefficient added to the gradient.
+        coordinatewise: Whether the learned optimizer's update of a coordinate depends
+            only on that coordinate's history, which decides how its state is kept
+            (see the module docstring). ``None`` takes it from the registration of the
+            optimizer's name or class, and assumes ``True`` for an unregistered
+            module (its state layout is checked at the first step).
+        foreach: Accepted so that hosts which pass it (timm's ``--opt-foreach``) keep
+            working; each group is always one batched call, which is what ``foreach``
+            buys other optimizers.
+        plugin_manager: The manager whose registry builds a named optimizer and knows
+            the registrations; a fresh :func:`~flat_l2o_plugin.get_plugin_manager`
+            by default.
+
+    Raises:
+        ConfigError: No learned optimizer given, both a module and ``weights``, a name
+            that disagrees with the weights file, or an out-of-range ``lr`` /
+            ``weight_decay``.
+        WeightsError: The weights file is missing or does not fit (see
+            :func:`~flat_l2o_plugin.optimizers.weights.load_learned_optimizer`).
+        UnknownComponentError: ``optimizer`` names nothing a loaded plugin registers.
+
+    Warns:
+        UntrainedOptimizerWarning: ``optimizer`` is a name and ``weights`` is ``None``:
+            the network has its initial random weights.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = LearnedOptimizerTorch(
+        ...     [{"params": model.weight}, {"params": model.bias, "lr": 0.5}],
+        ...     weights="rnnprop.safetensors")
+        >>> opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+        >>> torch.save(opt.state_dict(), "opt.pt")
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        optimizer: nn.Module | str | None = None,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        coordinatewise: bool | None = None,
+        foreach: bool | None = None,
+        plugin_manager: Any = None,
+    ) -> None:
+        del foreach  # see the docstring: there is nothing to switch
+        _check_group_value("lr", lr, "the constructor")
+        _check_group_value("weight_decay", weight_decay, "the constructor")
+        learned, registered = _resolve_learned_optimizer(optimizer, weights, options, plugin_manager)
+        learned.requires_grad_(False)
+        learned.eval()
+        for weight in learned.parameters():
+            weight.grad = None
+        # Set before super().__init__, which calls add_param_group.
+        self.learned_optimizer: nn.Module = learned
+        self.coordinatewise: bool = bool(
+            coordinatewise if coordinatewise is not None else registered if registered is not None else True
+        )
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults, state and groups; without the learned
+        # optimizer a copy (copy.deepcopy, multiprocessing) could not step.
+        return {**super().__getstate__(), "learned_optimizer": self.learned_optimizer,
+                "coordinatewise": self.coordinatewise}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, checking its ``lr`` and ``weight_decay`` (see the module docstring)."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        for key in ("lr", "weight_decay"):
+            _check_group_value(key, group[key], f"param_groups[{index}]")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One learned-optimizer step on every parameter that has a gradient.
+
+        Args:
+            closure: Optional; re-evaluates the model and returns the loss. It is
+                called with gradients enabled, before the update.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            OptimizerStateError: The learned optimizer's state does not split per
+                parameter although it is taken to be coordinatewise, or its ``step``
+                returned a state with other keys.
+            FlatL2OError: A sparse gradient (the learned optimizers need dense ones),
+                or a group spread over several devices with a learned optimizer that
+                is not coordinatewise.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            active = [p for p in group["params"] if p.grad is not None]
+            if not active:
+                continue
+            for p in active:
+                if p.grad.is_sparse:
+                    raise FlatL2OError(
+                        f"LearnedOptimizerTorch: param_groups[{index}] has a parameter of shape "
+                        f"{tuple(p.shape)} with a sparse gradient; the learned optimizer needs dense "
+                        f"gradients (use a dense nn.Embedding, sparse=False)"
+                    )
+            if self.coordinatewise:
+                for p in active:
+                    if not self.state[p]:
+                        self.state[p] = self._fresh_param_state(p)
+                for batch in self._batches(active):
+                    self._step_batch(group, batch)
+            else:
+                self._step_whole_group(index, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, keeping each state tensor's dtype.
+
+        ``torch.optim`` casts floating-point state to its parameter's dtype on load;
+        the learned optimizer's recurrent state lives in its own dtype (float32 next to
+        bfloat16 parameters, say), so it is restored as saved instead, and only moved
+        to the parameter's device.
+
+        Raises:
+            ValueError: The groups do not match (raised by ``torch.optim``).
+            OptimizerStateError: The saved state belongs to another learned optimizer
+                or to parameters of other sizes.
+        """
+        super().load_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for param_id, p in zip(saved_group["params"], group["params"]):
+                if param_id in saved_state:
+                    self.state[p] = {
+                        key: value.to(device=p.device) if isinstance(value, Tensor) else value
+                        for key, value in saved_state[param_id].items()
+                    }
+        for index, group in enumerate(self.param_groups):
+            if self.coordinatewise:
+                expected = set(self._fresh_param_state(torch.zeros(1)))
+                for position, p in enumerate(group["params"]):
+                    if self.state.get(p):
+                        self._check_param_state(self.state[p], p, expected,
+                                                f"param_groups[{index}] parameter {position}")
+            else:
+                self._check_group_state(index, group)
+
+    # ------------------------------------------------------------------ coordinatewise
+
+    def _fresh_param_state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.learned_optimizer.init_state([p.detach()])
+        self._check_param_state(state, p, None, f"init_state() for a parameter of shape {tuple(p.shape)}")
+        return dict(state)
+
+    def _check_param_state(self, state: Mapping[str, Any], p: Tensor, expected: set[str] | None,
+                           where: str) -> None:
+        owner = type(self.learned_optimizer).__name__
+        if expected is not None and set(state) != expected:
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: the loaded state of {where} has keys {sorted(state)}, but "
+                f"{owner} uses {sorted(expected)}; the state_dict was saved with another learned "
+                f"optimizer: load it into a LearnedOptimizerTorch built with the same one"
+            )
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or not (value.dim() == 0 or value.shape[0] == p.numel()):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise OptimizerStateError(
+                    f"LearnedOptimizerTorch: {where}: state[{key!r}] of {owner} is {shape}, neither a "
+                    f"scalar nor per-coordinate (leading dimension {p.numel()}), so the state cannot be "
+                    f"split per parameter: if {owner} is not coordinatewise, pass coordinatewise=False; "
+                    f"a loaded state must come from the same parameters"
+                )
+
+    def _batches(self, active: list[Tensor]) -> list[list[Tensor]]:
+        """Split ``active`` into runs that can share one call: same device and scalars."""
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for p in active:
+            by_device[p.device].append(p)
+        batches = []
+        for params in by_device.values():
+            scalar_keys = [k for k, v in self.state[params[0]].items() if v.dim() == 0]
+            # One host sync per key, not one per parameter.
+            columns = [torch.stack([self.state[p][k] for p in params]).tolist() for k in scalar_keys]
+            groups: dict[tuple[Any, ...], list[Tensor]] = {}
+            for i, p in enumerate(params):
+                groups.setdefault(tuple(column[i] for column in columns), []).append(p)
+            batches.extend(groups.values())
+        return batches
+
+    def _step_batch(self, group: Mapping[str, Any], batch: list[Tensor]) -> None:
+        first = self.state[batch[0]]
+        state = {
+            key: value if value.dim() == 0 else torch.cat([self.state[p][key] for p in batch])
+            for key, value in first.items()
+        }
+        new_params, new_state = self._call_learned(group, batch, [p.grad for p in batch], state)
+        sizes = [p.numel() for p in batch]
+        per_param: list[dict[str, Tensor]] = [{} for _ in batch]
+        for key, value in new_state.items():
+            # Each parameter gets tensors of its own (not views of the batch), so the
+            # state of a parameter skipped later keeps nothing else alive, and each
+            # entry serializes on its own.
+            pieces = [value] * len(batch) if value.dim() == 0 else list(value.split(sizes))
+            for slot, piece in zip(per_param, pieces):
+                slot[key] = piece.clone()
+        for p, new, slot in zip(batch, new_params, per_param):
+            self.state[p] = slot
+            _apply(p, new, group["lr"])
+
+    # ------------------------------------------------------------------ whole groups
+
+    def _step_whole_group(self, index: int, group: Mapping[str, Any]) -> None:
+        params = group["params"]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise FlatL2OError(
+                f"LearnedOptimizerTorch: param_groups[{index}] spans devices {sorted(map(str, devices))}; "
+                f"{type(self.learned_optimizer).__name__} is not coordinatewise and steps a group as one "
+                f"batch: put each device's parameters in a group of their own"
+            )
+        owner = params[0]
+        if not self.state[owner]:
+            self.state[owner] = dict(self.learned_optimizer.init_state([p.detach() for p in params]))
+        # The state covers every coordinate of the group, so every parameter takes part;
+        # one without a gradient is fed zeros and keeps its values.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        new_params, new_state = self._call_learned(group, params, grads, self.state[owner])
+        self.state[owner] = dict(new_state)
+        for p, new in zip(params, new_params):
+            if p.grad is not None:
+                _apply(p, new, group["lr"])
+
+    def _check_group_state(self, index: int, group: Mapping[str, Any]) -> None:
+        params = group["params"]
+        stray = [i for i, p in enumerate(params[1:], 1) if self.state.get(p)]
+        saved = self.state.get(params[0])
+        owner = type(self.learned_optimizer).__name__
+        if stray:
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: param_groups[{index}] has state on parameters {stray}, but "
+                f"{owner} keeps a group's state on its first parameter; the state_dict was saved with "
+                f"coordinatewise=True: load it into an optimizer built the same way"
+            )
+        if not saved:
+            return
+        fresh = self.learned_optimizer.init_state([p.detach() for p in params])
+        found = {k: tuple(v.shape) for k, v in saved.items()}
+        expected = {k: tuple(v.shape) for k, v in fresh.items()}
+        if found != expected:
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: the loaded state of param_groups[{index}] has shapes {found}, but "
+                f"{owner} on this group's parameters uses {expected}; the state_dict was saved with another "
+                f"learned optimizer or other parameters"
+            )
+
+    # ------------------------------------------------------------------ shared
+
+    def _call_learned(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor],
+                      state: Mapping[str, Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
+        learned = self._learned_on(params[0].device)
+        weight_decay = group["weight_decay"]
+        if weight_decay != 0:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
+        new_params, new_state = learned.step(list(params), list(grads), state)
+        if set(new_state) != set(state):
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: {type(learned).__name__}.step() returned state keys "
+                f"{sorted(new_state)}, but init_state() made {sorted(state)}; a learned optimizer "
+                f"must keep the keys of its state"
+            )
+        return list(new_params), {key: value.detach() for key, value in new_state.items()}
+
+    def _learned_on(self, device: torch.device) -> nn.Module:
+        weight = next(iter(self.learned_optimizer.parameters()), None)
+        if weight is not None and weight.device != device:
+            # Models are often moved to the accelerator after the optimizer is built.
+            self.learned_optimizer.to(device)
+        return self.learned_optimizer
+
+
+def _apply(p: Tensor, new: Tensor, lr: float) -> None:
+    if lr == 1.0:
+        p.copy_(new)  # exactly the learned optimizer's iterate
+    else:
+        p.add_(new - p, alpha=lr)
+
+
+def _check_group_value(key: str, value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        meaning = ("the multiplier on the learned update (1.0 = as meta-trained)" if key == "lr"
+                   else "the L2 coefficient added to the gradient")
+        raise ConfigError(
+            f"LearnedOptimizerTorch: {where}: {key} must be a finite number >= 0 ({meaning}), got {value!r}"
+        )
+
+
+def _resolve_learned_optimizer(
+    optimizer: nn.Module | str | None,
+    weights: str | os.PathLike[str] | None,
+    options: Mapping[str, Any] | None,
+    plugin_manager: Any,
+) -> tuple[nn.Module, bool | None]:
+    """The learned optimizer to use, and its registered ``coordinatewise`` flag if known."""
+    from ..manager import get_plugin_manager  # import late: the manager imports the zoo
+    from ..optimizers.weights import load_learned_optimizer, read_learned_optimizer_config
+
+    if optimizer is None and weights is None:
+        raise ConfigError(
+            "LearnedOptimizerTorch needs a learned optimizer: weights='file.safetensors' (from "
+            "save_learned_optimizer), or optimizer= a meta-trained module or a registered name"
+        )
+    if optimizer is not None and not isinstance(optimizer, (nn.Module, str)):
+        raise ConfigError(
+            f"LearnedOptimizerTorch: optimizer must be an nn.Module, a registered name or None, "
+            f"got {type(optimizer).__name__}"
+        )
+    pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+    registry = pm.components.optimizers
+    if weights is not None:
+        if isinstance(optimizer, nn.Module):
+            raise ConfigError(
+                "LearnedOptimizerTorch: got both an optimizer module and weights=; pass the module "
+                "(already trained) or the weights file, not both"
+            )
+        if options:
+            raise ConfigError(
+                f"LearnedOptimizerTorch: options={dict(options)} with weights={os.fspath(weights)!r}; "
+                f"a weights file records the options it was built with: drop options="
+            )
+        recorded = read_learned_optimizer_config(weights)["optimizer"]
+        if isinstance(optimizer, str) and recorded != optimizer:
+            raise ConfigError(
+                f"LearnedOptimizerTorch: optimizer={optimizer!r} but the weights file "
+                f"{os.fspath(weights)} holds a {recorded!r}; pass optimizer={recorded!r} or leave it out"
+            )
+        module = load_learned_optimizer(weights, plugin_manager=pm)
+        registered: bool | None = registry.get(recorded).coordinatewise
+    elif isinstance(optimizer, nn.Module):
+        if options:
+            raise ConfigError(
+                "LearnedOptimizerTorch: options= applies to a registered name; the module given "
+                "is already built"
+            )
+        module = copy.deepcopy(optimizer)
+        registered = _registered_flag(registry, module)
+    else:
+        assert isinstance(optimizer, str)
+        info = registry.get(optimizer, failed_plugins=pm.failures)
+        try:
+            module = info.create(**dict(options or {}))
+        except FlatL2OError:
+            raise  # already names the optimizer and the option
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"optimizer {optimizer!r} (from plugin {registry.provider(optimizer)!r}): {exc}") from exc
+        registered = info.coordinatewise
+        warnings.warn(
+            f"LearnedOptimizerTorch: {optimizer!r} was built with its initial random weights; pass "
+            f"weights= a file from save_learned_optimizer() to use a meta-trained one",
+            UntrainedOptimizerWarning,
+            stacklevel=3,
+        )
+    for method in ("init_state", "step"):
+        if not callable(getattr(module, method, None)):
+            raise ConfigError(
+                f"LearnedOptimizerTorch: {type(module).__name__} has no {method}(); a learned "
+                f"optimizer needs init_state(params) and step(params, grads, state)"
+            )
+    return module, registered
+
+
+def _registered_flag(registry: Any, module: nn.Module) -> bool | None:
+    """``coordinatewise`` of the registration whose factory is the module's class (or a base)."""
+    matches = [info for info in registry if isinstance(info.factory, type) and isinstance(module, info.factory)]
+    exact = [info for info in matches if type(module) is info.factory]
+    chosen = exact or matches
+    return chosen[0].coordinatewise if chosen else None
