@@ -258,7 +258,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 # ---------------------------------------------------------------------------- sources
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path, table: str | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -270,10 +270,8 @@ def _read_file(path: Path) -> dict[str, Any]:
             else:  # pragma: no cover
                 import tomli as tomllib
             data = tomllib.loads(text)
-            if path.name == "pyproject.toml":
-                data = data.get("tool", {}).get("flat_l2o")
-                if data is None:
-                    raise ConfigError(f"{str(path)!r} has no [tool.flat_l2o] table")
+            if table is None and path.name == "pyproject.toml":
+                table = "tool.flat_l2o"
         elif suffix in (".yaml", ".yml"):
             import yaml
 
@@ -286,6 +284,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise
     except Exception as exc:  # the parsers' own errors say where the syntax is wrong
         raise ConfigError(f"config file {str(path)!r} could not be parsed: {exc}") from exc
+    for part in (table.split(".") if table else []):
+        if not isinstance(data, dict) or part not in data:
+            raise ConfigError(f"{str(path)!r} has no [{table}] table")
+        data = data[part]
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table at the top level")
     return data
@@ -339,13 +341,15 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, *,
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, *, table: str | None = None,
                 overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Config:
     """Load and validate a configuration.
 
     Args:
         source: A ``.toml`` / ``.yaml`` / ``.json`` file, a ``pyproject.toml`` (its
             ``[tool.flat_l2o]`` table), a dict, or ``None`` for the defaults.
+        table: The dotted name of the table that holds our configuration inside a host
+            tool's own file (e.g. ``"tool.flat_l2o"``); default: the whole file.
         overrides: ``--set`` strings, applied last.
         environ: The environment to read ``FLAT_L2O_*`` from (default: ``os.environ``).
 
@@ -357,7 +361,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     elif isinstance(source, Mapping):
         data = json.loads(json.dumps(source, default=list)) if _jsonable(source) else dict(source)
     else:
-        data = _read_file(Path(source))
+        data = _read_file(Path(source), table)
     env = os.environ if environ is None else environ
     if env.get("FLAT_L2O_RUN_DIR"):
         data = _merge(data, {"run_dir": env["FLAT_L2O_RUN_DIR"]})

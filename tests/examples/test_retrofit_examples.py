@@ -26,9 +26,12 @@ def test_retrofit_foreign_optimizer_example_meta_trains_with_the_term():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # gym, imported by learn2learn
-def test_learn2learn_example_runs_with_the_term():
+def test_learn2learn_example_runs_with_the_term(tmp_path):
     pytest.importorskip("learn2learn")
-    logs = _load("learn2learn_flatness").main(steps=3, probes=1, batch_size=16)
+    config = tmp_path / "experiment.toml"
+    config.write_text((EXAMPLES / "learn2learn_flatness.toml").read_text()
+                      .replace("steps = 200", "steps = 3").replace("batch_size = 64", "batch_size = 16"))
+    logs = _load("learn2learn_flatness").main(config, overrides=["regularizers.hessian_trace.probes=1"])
     assert len(logs["loss"]) == 3 and all(math.isfinite(x) for x in logs["loss"])
     assert all(t != 0.0 for t in logs["hessian_trace"])
     assert 0.0 <= logs["val_accuracy"][0] <= 1.0
