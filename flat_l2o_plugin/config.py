@@ -201,9 +201,7 @@ def _dataclass_from(cls: type, data: Any, where: str) -> Any:
                 data[name], hints[name], path)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # a ConfigError too: re-worded with the field's path
         raise ConfigValueError(str(exc).replace(f"{cls.__name__}.", f"{where}.")) from None
 
 
