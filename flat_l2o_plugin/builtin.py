@@ -1,4 +1,4 @@
-"""The package's own plugin: the regularizers, learned optimizers and tasks we ship.
+"""The package's own plugin: the regularizers, learned optimizers, wrappers and tasks we ship.
 
 It is registered through our own entry point (``builtin``) and uses nothing but the
 public contract, exactly as a third-party plugin would.
@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 from .hookspecs import hookimpl
-from .optimizers import L2ODM, RNNProp
-from .registry import OptimizerInfo, RegularizerInfo, TaskInfo
+from .optimizers import L2ODM, L2OScale, RNNProp
+from .registry import OptimizerInfo, RegularizerInfo, TaskInfo, WrapperInfo
 from .regularizers import HessianTopEigenvalue, HessianTrace, LocalEntropy, Sharpness
-from .tasks import ConvTask, MLPTask
+from .tasks import ConvTask, LogisticRegressionTask, MLPTask, QuadraticTask, RosenbrockTask, TimmTask
+from .wrappers import FlatnessAware, ForeignAdapter
 
 REGULARIZERS = (
     RegularizerInfo(
@@ -38,6 +39,10 @@ OPTIMIZERS = (
                   description="RNNProp (Lv et al. 2017): LSTM on Adam-normalized gradients."),
     OptimizerInfo(name="l2o_dm", factory=L2ODM,
                   description="L2O-DM (Andrychowicz et al. 2016): coordinatewise LSTM, log/sign inputs."),
+    # Not coordinatewise: "coordinatewise" means a coordinate's update depends only on that
+    # coordinate's own history, and L2O-Scale's tensor and global RNNs share information.
+    OptimizerInfo(name="l2o_scale", factory=L2OScale, coordinatewise=False,
+                  description="L2O-Scale (Wichrowska et al. 2017): hierarchical parameter/tensor/global GRUs."),
 )
 
 TASKS = (
@@ -47,9 +52,34 @@ TASKS = (
     TaskInfo(name="conv_digits", factory=ConvTask,
              defaults={"dataset": "digits", "channels": (8, 16), "activation": "relu", "batch_size": 128},
              description="Conv net 8-16 channels, ReLU, on 8x8 digits (batch 128)."),
+    TaskInfo(name="mlp", factory=MLPTask,
+             defaults={"dataset": "mnist1d", "hidden_sizes": (32, 32), "activation": "relu", "batch_size": 128},
+             description="MLP of any depth/width/activation on any dataset (default MNIST-1D 40-32-32-10, ReLU)."),
+    TaskInfo(name="conv", factory=ConvTask,
+             defaults={"dataset": "synthetic_images", "channels": (8, 16), "activation": "relu", "batch_size": 128},
+             description="Two-layer conv net on any image dataset (default generated 3x16x16 images)."),
+    TaskInfo(name="timm", factory=TimmTask,
+             defaults={"model": "resnet10t", "model_kwargs": {}, "dataset": "synthetic_images", "batch_size": 32},
+             description="Any timm model by name and kwargs, functional, batch-statistics BN (default resnet10t)."),
+    TaskInfo(name="logistic_regression", factory=LogisticRegressionTask,
+             defaults={"dataset": "synthetic_linear", "l2": 0.0, "batch_size": 128},
+             description="Multinomial logistic regression (default: data from a logistic teacher, 20 features)."),
+    TaskInfo(name="quadratic", factory=QuadraticTask,
+             defaults={"dim": 20, "condition_number": 100.0, "noise_std": 0.0, "batch_size": 1, "problem_seed": 0},
+             description="Random quadratic with exact Hessian spectrum 1..1/κ (default d=20, κ=100)."),
+    TaskInfo(name="rosenbrock", factory=RosenbrockTask,
+             defaults={"dim": 2, "noise_std": 0.0, "batch_size": 1},
+             description="d-dimensional Rosenbrock; noise_std > 0 gives unbiased noisy gradients."),
 )
 
-COMPONENT_NAMES = frozenset(info.name for info in (*REGULARIZERS, *OPTIMIZERS, *TASKS))
+WRAPPERS = (
+    WrapperInfo(name="flatness_aware", factory=FlatnessAware,
+                description="Adds the activated flatness regularizers to any learned optimizer's meta-training."),
+    WrapperInfo(name="foreign", factory=ForeignAdapter,
+                description="Adapts a user's forward(grad, hidden) -> (update, hidden) module to the protocol."),
+)
+
+COMPONENT_NAMES = frozenset(info.name for info in (*REGULARIZERS, *OPTIMIZERS, *WRAPPERS, *TASKS))
 
 
 @hookimpl
@@ -61,6 +91,12 @@ def register_regularizers(register: Callable[[RegularizerInfo], None]) -> None:
 @hookimpl
 def register_optimizers(register: Callable[[OptimizerInfo], None]) -> None:
     for info in OPTIMIZERS:
+        register(info)
+
+
+@hookimpl
+def register_wrappers(register: Callable[[WrapperInfo], None]) -> None:
+    for info in WRAPPERS:
         register(info)
 
 
