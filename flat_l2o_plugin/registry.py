@@ -96,7 +96,13 @@ class RegularizerInfo(ComponentInfo):
 
 @dataclass(frozen=True)
 class OptimizerInfo(ComponentInfo):
-    """A learned optimizer: ``factory(**options)`` returns a :class:`~flat_l2o_plugin.protocols.LearnedOptimizer`."""
+    """A learned optimizer: ``factory(**options)`` returns a :class:`~flat_l2o_plugin.protocols.LearnedOptimizer`.
+
+    Attributes:
+        coordinatewise: A coordinate's update depends only on that coordinate's own
+            history (L2O-DM, RNNProp). ``False`` for models that pool across coordinates
+            (L2O-Scale's tensor and global RNNs): their state cannot be split per tensor.
+    """
 
     coordinatewise: bool = True
 

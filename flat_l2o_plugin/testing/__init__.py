@@ -11,6 +11,7 @@ A plugin's test suite checks its regularizer against the contract in one line::
 from __future__ import annotations
 
 from .isolation import isolated_plugin_manager
+from .optimizers import check_learned_optimizer
 from .regularizers import check_regularizer
 
-__all__ = ["check_regularizer", "isolated_plugin_manager"]
+__all__ = ["check_learned_optimizer", "check_regularizer", "isolated_plugin_manager"]
