@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,6 +36,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError, UnknownComponentError
 
 __all__ = [
@@ -145,7 +145,7 @@ def save_learned_optimizer(
         for key, value in optimizer.state_dict().items()
     }
     payload = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)})
-    _write_atomically(path, payload)
+    write_atomically(path, payload, WeightsError)
     return path
 
 
@@ -367,36 +367,3 @@ def _check_tensors(
         f"name and options build ({'; '.join(problems)}); save with the name and options the "
         f"optimizer was built with"
     )
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    folder = path.parent
-    if not folder.is_dir():
-        raise WeightsError(f"{path}: folder {folder} does not exist; create it first")
-    # Same folder as the target: os.replace is atomic only within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder entry is flushed (POSIX). Windows
-    # cannot open a folder for fsync, and does not need to.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +21,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError
 from ..protocols import Task
 
@@ -83,41 +83,8 @@ def save_optimizee(
     if not tensors:
         raise CheckpointError(f"{path}: params is empty; an optimizee has at least one tensor")
     payload = safetensors.torch.save(tensors, metadata={"task": task_name, "task_options": options_json})
-    _write_atomically(path, payload)
+    write_atomically(path, payload, CheckpointError)
     return path
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    folder = path.parent
-    if not folder.is_dir():
-        raise CheckpointError(f"{path}: folder {folder} does not exist; create it first")
-    # Same folder as the target: os.replace is atomic only within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename itself is durable only once the folder entry is flushed (POSIX). Windows
-    # cannot open a folder for fsync, and does not need it.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_optimizee(path: str | os.PathLike[str]) -> tuple[Task, list[Tensor]]:
