@@ -104,6 +104,14 @@ def _cmd_flatness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .training.plot import plot_metrics
+
+    path = plot_metrics(args.run_dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flat-l2o", description="Flatness-aware meta-training for learned optimizers.",
@@ -151,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random probes (default: 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     p.set_defaults(func=_cmd_flatness)
+
+    p = sub.add_parser("plot", help="draw a meta-training run's curves (from RUN_DIR/metrics.jsonl) as a PNG",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o plot runs/exp1\n  flat-l2o plot runs/exp1 --out /tmp/exp1.png")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (or the metrics file itself)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/metrics.png)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

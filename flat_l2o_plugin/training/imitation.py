@@ -17,7 +17,7 @@ flatness-seeking optimizer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -60,6 +60,14 @@ class Teacher:
         with torch.enable_grad():
             perturbed = [(p + self.rho * g / norm).detach().requires_grad_(True) for p, g in zip(params, grads)]
             return [g.detach() for g in torch.autograd.grad(loss_fn(perturbed), perturbed)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The moments (lists of tensors, not copies: :meth:`update` replaces them) and the step count."""
+        return {"exp_avg": list(self._m), "exp_avg_sq": list(self._v), "step": self._t}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a resumed trajectory keeps imitating)."""
+        self._m, self._v, self._t = list(state["exp_avg"]), list(state["exp_avg_sq"]), int(state["step"])
 
     def update(self, params: list[Tensor], grads: list[Tensor], loss_fn: LossFn) -> list[Tensor]:
         """The teacher's step Δθ at ``params`` (detached)."""

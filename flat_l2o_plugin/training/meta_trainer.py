@@ -8,32 +8,78 @@ steps or when it diverges. The meta-loss of an unroll is
     L(φ) = 1/K Σ_t [ f_B(θ_t) + Σ_r flatness term_r(θ_t) ],
 
 with θ_t the iterates the learned optimizer produced and the gradients it is fed
-detached (second-order terms dropped, as in Andrychowicz et al. 2016). A non-finite
-loss, term or meta-gradient never reaches φ: the unroll is dropped and counted.
+detached (second-order terms dropped, as in Andrychowicz et al. 2016). The meta-batch's
+meta-gradient is the mean over its finite unrolls; Adam applies it with the rate of
+:mod:`.lr_schedule`.
+
+What makes it safe to leave running for days:
+
+- **Divergence.** A non-finite loss, flatness term or meta-gradient never reaches φ. A
+  non-finite unroll is dropped and its trajectory reset; a non-finite meta-gradient
+  skips the update and resets every trajectory. Each event is counted, written to the
+  step's metrics (``diverged_task``, ``diverged_seed``, ``diverged_step``) and logged
+  through :mod:`logging` (logger ``flat_l2o_plugin.training.meta_trainer``).
+- **Checkpoints.** With ``run_dir``, the complete trainer state (weights, Adam moments,
+  every RNG, the in-flight optimizee trajectories, estimator probes, curriculum, best
+  weights, counters) is written to ``run_dir/checkpoint/`` every ``checkpoint_every``
+  meta-steps, at the end, and on Ctrl-C, atomically (:mod:`.checkpoint`).
+  ``train(resume=True)`` continues exactly: a run killed at any moment and resumed
+  produces the same metrics as one never interrupted.
+- **Metrics.** One JSON line per meta-step in ``run_dir/metrics.jsonl``
+  (:mod:`.metrics`), cut back to the checkpoint on resume.
+- **Scale-out.** Under ``torch.distributed`` the meta-batch is split across ranks and
+  the meta-gradient all-reduced (:mod:`.distributed`).
+
+Determinism: everything random about trajectory slot k (its tasks, init seeds, batch
+streams, imitation coin flips, estimator probes) comes from slot k's own generator,
+seeded from ``config.seed`` and k. The learned optimizer's initial weights and the
+estimators' seeds come from torch's global RNG when they are built, so seed that first.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import json
+import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
-from typing import Any, Callable, Sequence
+from functools import partial, reduce
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..host import FlatL2O
 from ..protocols import Task
+from .checkpoint import (CHECKPOINT_DIR, Checkpoint, TrainingCheckpointError, checkpoint_dir, decode_floats,
+                         encode_floats, load_checkpoint, save_checkpoint)
 from .curriculum import Curriculum
+from .distributed import DistributedContext
+from .estimator_state import EstimatorSlots
 from .evaluate import batch_generator, train_with_learned_optimizer
 from .imitation import TEACHERS, Teacher
+from .lr_schedule import META_LR_SCHEDULES, meta_learning_rate
+from .metrics import METRICS_FILE, MetricsLog
 
-__all__ = ["MetaTrainConfig", "MetaTrainer", "TaskSampler"]
+__all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainer", "TaskSampler"]
+
+logger = logging.getLogger(__name__)
 
 TaskSampler = Callable[[torch.Generator], tuple[Task, int]]
-"""Draws ``(task, init_seed)`` for a new trajectory from the trainer's generator."""
+"""Draws ``(task, init_seed)`` for a new trajectory from the slot's generator.
+
+It must draw only from the generator it is given: on resume the trainer replays it with
+the saved generator state to rebuild each in-flight trajectory's task.
+"""
+
+_RESUMABLE_FIELDS = ("meta_steps", "checkpoint_every")
+"""Config fields a resumed run may change (a longer budget, another checkpoint rate)."""
 
 
 @dataclass
@@ -45,7 +91,11 @@ class MetaTrainConfig:
         unroll: K, the truncation length of backpropagation through time.
         horizon: T, the optimizee trajectory length before it is reset.
         meta_batch: Trajectories per meta-step (their meta-losses are averaged).
-        meta_lr: Adam's learning rate on the learned optimizer's weights.
+        meta_lr: Adam's learning rate on the learned optimizer's weights (after warmup).
+        meta_lr_schedule: ``"constant"``, or ``"cosine"`` decay from ``meta_lr`` to
+            ``meta_lr_min`` over the meta-steps after warmup (:mod:`.lr_schedule`).
+        meta_lr_warmup: Meta-steps of linear warmup to ``meta_lr`` (0: none).
+        meta_lr_min: The cosine schedule's final rate.
         clip: Max global norm of the meta-gradient (0 disables clipping).
         seed: Seeds everything the trainer draws (task instances, init seeds, batches).
         val_every: Validate (and keep the best weights) every this many meta-steps;
@@ -61,6 +111,8 @@ class MetaTrainConfig:
         imitation_lr: The teacher's learning rate.
         imitation_rho: The SAM teacher's radius.
         imitation_weight: Scale of the imitation loss in the meta-loss.
+        checkpoint_every: With a ``run_dir``, write a checkpoint every this many
+            meta-steps (0: only at the end and on interruption).
     """
 
     meta_steps: int = 200
@@ -68,6 +120,9 @@ class MetaTrainConfig:
     horizon: int = 100
     meta_batch: int = 1
     meta_lr: float = 3e-3
+    meta_lr_schedule: str = "constant"
+    meta_lr_warmup: int = 0
+    meta_lr_min: float = 0.0
     clip: float = 1.0
     seed: int = 0
     val_every: int = 50
@@ -79,25 +134,37 @@ class MetaTrainConfig:
     imitation_lr: float = 1e-2
     imitation_rho: float = 0.05
     imitation_weight: float = 1.0
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "unroll", "horizon", "meta_batch", "val_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MetaTrainConfig.{name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"MetaTrainConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("meta_lr_warmup", "checkpoint_every", "val_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"MetaTrainConfig.{name} must be an integer >= 0, got {value!r}")
         if self.horizon % self.unroll:
-            raise ValueError(f"MetaTrainConfig.horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+            raise ConfigError(f"MetaTrainConfig.horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if not self.meta_lr > 0:
-            raise ValueError(f"MetaTrainConfig.meta_lr must be > 0, got {self.meta_lr!r}")
+            raise ConfigError(f"MetaTrainConfig.meta_lr must be > 0, got {self.meta_lr!r}")
+        if self.meta_lr_schedule not in META_LR_SCHEDULES:
+            raise ConfigError(f"MetaTrainConfig.meta_lr_schedule must be one of {META_LR_SCHEDULES}, "
+                              f"got {self.meta_lr_schedule!r}")
+        if not 0.0 <= self.meta_lr_min <= self.meta_lr:
+            raise ConfigError(f"MetaTrainConfig.meta_lr_min must be in [0, meta_lr={self.meta_lr}], "
+                              f"got {self.meta_lr_min!r}")
         self.curriculum = tuple(self.curriculum)
         for h in self.curriculum:
             if h % self.unroll:
-                raise ValueError(f"MetaTrainConfig.curriculum horizon {h} must be a multiple of unroll ({self.unroll})")
+                raise ConfigError(f"MetaTrainConfig.curriculum horizon {h} must be a multiple of unroll "
+                                  f"({self.unroll})")
         if not 0.0 <= self.imitation_prob <= 1.0:
-            raise ValueError(f"MetaTrainConfig.imitation_prob must be in [0, 1], got {self.imitation_prob!r}")
+            raise ConfigError(f"MetaTrainConfig.imitation_prob must be in [0, 1], got {self.imitation_prob!r}")
         if self.imitation_teacher not in TEACHERS:
-            raise ValueError(f"MetaTrainConfig.imitation_teacher must be one of {sorted(TEACHERS)}, "
-                             f"got {self.imitation_teacher!r}")
+            raise ConfigError(f"MetaTrainConfig.imitation_teacher must be one of {sorted(TEACHERS)}, "
+                              f"got {self.imitation_teacher!r}")
 
 
 @dataclass
@@ -106,21 +173,69 @@ class _Trajectory:
     seed: int
     params: list[Tensor]
     state: dict[str, Tensor]
-    generator: torch.Generator
+    generator: torch.Generator  # the optimizee's mini-batch stream
     horizon: int
+    slot: int = 0
+    sample_state: Tensor | None = None  # the slot generator's state when the task was drawn
     step: int = 0
     initial_loss: float | None = None
     teacher: Teacher | None = None
 
 
+class _Unroll(NamedTuple):
+    meta_loss: Tensor
+    logs: dict[str, float]
+    first_step: int
+    values: list[Tensor]  # detached per-iterate objectives, values[i] at θ_{first_step + i}
+
+
 @dataclass
 class MetaTrainResult:
+    """What :meth:`MetaTrainer.train` returns.
+
+    Attributes:
+        history: One logs dict per meta-step, from meta-step 0 (on a resumed run, the
+            steps before the checkpoint are read back from ``metrics.jsonl``).
+        validation: ``{"meta_step", "val_accuracy", "val_loss"}`` per validation.
+        best_step: The meta-step count of the best validation (in the current
+            curriculum stage), or ``None``.
+        best_score: Its validation accuracy.
+        skipped: Meta-steps in which something diverged.
+        diverged: Trajectories dropped for a non-finite unroll.
+        seconds: Wall time, summed over all runs of a resumed training.
+        resumed_from: The checkpoint's meta-step, if this run resumed one.
+    """
+
     history: list[dict[str, Any]] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)
     best_step: int | None = None
     best_score: float = -math.inf
     skipped: int = 0
+    diverged: int = 0
     seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+def _as_json(value: Any) -> Any:
+    # What a value looks like after a trip through a checkpoint's JSON (tuples -> lists).
+    return decode_floats(json.loads(json.dumps(encode_floats(value))))
+
+
+def _mean_by_key(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def _takes_generator(init_state: Callable[..., Any]) -> bool:
+    try:
+        return "generator" in inspect.signature(init_state).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class MetaTrainer:
@@ -128,44 +243,79 @@ class MetaTrainer:
 
     Args:
         optimizer: A learned optimizer (``nn.Module`` with ``init_state`` / ``step``).
-        sample_task: Draws ``(task, init_seed)`` for each new trajectory.
+        sample_task: Draws ``(task, init_seed)`` for each new trajectory from the
+            generator it is given (and from nothing else, for resume to be exact).
         flat: The facade with the activated regularizers (``None``: no flatness terms).
         config: The budget; see :class:`MetaTrainConfig`.
         val_tasks: ``(task, seed)`` pairs to validate on. Scored by accuracy on each
             task's ``val`` split after ``val_steps`` steps; the best weights are restored
             at the end. The ``test`` split is never touched.
+        run_dir: Folder for ``metrics.jsonl`` and ``checkpoint/`` (``None``: nothing is
+            written and the run cannot be resumed).
+        distributed: The process group to split the meta-batch over; by default the
+            initialized ``torch.distributed`` group, or a single process.
+
+    Raises:
+        ConfigError: ``meta_batch`` smaller than the number of ranks.
     """
 
     def __init__(self, optimizer: nn.Module, sample_task: TaskSampler, *, flat: FlatL2O | None = None,
-                 config: MetaTrainConfig | None = None, val_tasks: Sequence[tuple[Task, int]] = ()) -> None:
+                 config: MetaTrainConfig | None = None, val_tasks: Sequence[tuple[Task, int]] = (),
+                 run_dir: str | Path | None = None, distributed: DistributedContext | None = None) -> None:
         self.optimizer = optimizer
         self.sample_task = sample_task
         self.flat = flat if flat is not None else FlatL2O()
-        self.config = config or MetaTrainConfig()
+        self.config = cfg = config or MetaTrainConfig()
         self.val_tasks = list(val_tasks)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.meta_optimizer = torch.optim.Adam(optimizer.parameters(), lr=self.config.meta_lr)
-        self._trajectories: list[_Trajectory | None] = [None] * self.config.meta_batch
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.distributed = distributed if distributed is not None else DistributedContext.current()
+        if cfg.meta_batch < self.distributed.world_size:
+            raise ConfigError(f"MetaTrainConfig.meta_batch ({cfg.meta_batch}) must be at least the number of "
+                              f"processes ({self.distributed.world_size}): every rank needs a trajectory")
+        root = torch.Generator().manual_seed(cfg.seed)
+        self._slot_generators = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=root)))
+                                 for _ in range(cfg.meta_batch)]
+        self._slots = self.distributed.owned(cfg.meta_batch)
+        self._trajectories: list[_Trajectory | None] = [None] * cfg.meta_batch
+        self._estimators = EstimatorSlots(self.flat, cfg.meta_batch)
+        self._init_takes_generator = _takes_generator(optimizer.init_state)
+        self.meta_optimizer = torch.optim.Adam(optimizer.parameters(), lr=cfg.meta_lr)
         self.skipped = 0
-        self.curriculum = (Curriculum(self.config.curriculum, self.config.curriculum_patience)
-                           if self.config.curriculum else None)
+        self.diverged = 0
+        self.curriculum = Curriculum(cfg.curriculum, cfg.curriculum_patience) if cfg.curriculum else None
+        self._best_weights: dict[str, Tensor] | None = None
+        self._best_score = -math.inf
+        self._best_step: int | None = None
+        self._seconds = 0.0
 
     @property
     def horizon(self) -> int:
         """The trajectory length now (the curriculum's current stage, if there is one)."""
         return self.curriculum.horizon if self.curriculum else self.config.horizon
 
+    def meta_lr(self, meta_step: int) -> float:
+        """The meta-learning rate of ``meta_step`` under the configured schedule."""
+        cfg = self.config
+        return meta_learning_rate(meta_step, base=cfg.meta_lr, total=cfg.meta_steps, schedule=cfg.meta_lr_schedule,
+                                  warmup=cfg.meta_lr_warmup, minimum=cfg.meta_lr_min)
+
     # ------------------------------------------------------------------ trajectories
 
-    def _new_trajectory(self) -> _Trajectory:
-        task, seed = self.sample_task(self.generator)
+    def _new_trajectory(self, slot: int) -> _Trajectory:
+        generator = self._slot_generators[slot]
+        sample_state = generator.get_state()
+        task, seed = self.sample_task(generator)
         params = [p.detach() for p in task.init_params(seed)]
-        gen = batch_generator(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
-        return _Trajectory(task, seed, params, self.optimizer.init_state(params), gen, self.horizon)
+        batches = batch_generator(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        # Random scaling factors (RNNProp) come from the slot's stream, not the global one.
+        state = (self.optimizer.init_state(params, generator=generator) if self._init_takes_generator
+                 else self.optimizer.init_state(params))
+        return _Trajectory(task, int(seed), params, state, batches, self.horizon, slot=slot, sample_state=sample_state)
 
-    def _unroll(self, traj: _Trajectory) -> tuple[Tensor, dict[str, float]]:
+    def _unroll(self, traj: _Trajectory) -> _Unroll:
         """One truncated unroll of K steps; returns the meta-loss (in φ's graph) and its logs."""
         cfg, flat = self.config, self.flat
+        first_step = traj.step
         params = [p.detach().requires_grad_(True) for p in traj.params]
         state = {k: v.detach() for k, v in traj.state.items()}
         loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
@@ -175,6 +325,7 @@ class MetaTrainer:
         schedule = {"horizon": traj.horizon, "initial_loss": traj.initial_loss}
         total_loss = params[0].new_zeros(())
         terms_sum: dict[str, float] = {}
+        values = [loss.detach()]
         for _ in range(cfg.unroll):
             objective = loss
             extra = flat.optimizee_penalty(params, loss_fn, traj.step, loss=loss, **schedule)
@@ -185,25 +336,29 @@ class MetaTrainer:
             traj.step += 1
             loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
             loss = loss_fn(params)
-            total_loss = total_loss + loss
+            step_total = loss
             terms = flat.flatness_terms(params, loss_fn, traj.step, optimizer=self.optimizer,
                                         loss=loss, **schedule)
             for name, term in terms.items():
-                total_loss = total_loss + term
+                step_total = step_total + term
                 terms_sum[name] = terms_sum.get(name, 0.0) + float(term.detach())
+            total_loss = total_loss + step_total
+            values.append(step_total.detach())
         traj.params = [p.detach() for p in params]
         traj.state = {k: v.detach() for k, v in state.items()}
         logs = {"loss": float(loss.detach()), **{f"term/{k}": v / cfg.unroll for k, v in terms_sum.items()}}
-        return total_loss / cfg.unroll, logs
+        return _Unroll(total_loss / cfg.unroll, logs, first_step, values)
 
-    def _imitation_unroll(self, traj: _Trajectory) -> tuple[Tensor, dict[str, float]]:
+    def _imitation_unroll(self, traj: _Trajectory) -> _Unroll:
         """K steps along the teacher's trajectory; the meta-loss is the imitation error."""
         cfg = self.config
         if traj.teacher is None:
             traj.teacher = TEACHERS[cfg.imitation_teacher](lr=cfg.imitation_lr, rho=cfg.imitation_rho)
+        first_step = traj.step
         params = [p.detach() for p in traj.params]
         state = {k: v.detach() for k, v in traj.state.items()}
         total = params[0].new_zeros(())
+        values = []
         for _ in range(cfg.unroll):
             loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
             leaves = [p.detach().requires_grad_(True) for p in params]
@@ -212,121 +367,471 @@ class MetaTrainer:
             learned, state = self.optimizer.step(params, grads, state)
             target = traj.teacher.update(params, grads, loss_fn)
             sq_err = sum(((new - old - d) ** 2).sum() for new, old, d in zip(learned, params, target))
-            total = total + sq_err / sum(p.numel() for p in params) / cfg.imitation_lr**2
+            error = sq_err / sum(p.numel() for p in params) / cfg.imitation_lr**2
+            total = total + error
+            values.append(loss.detach() + error.detach())
             params = [p + d for p, d in zip(params, target)]
             traj.step += 1
         traj.params = params
         traj.state = {k: v.detach() for k, v in state.items()}
         imitation = total / cfg.unroll
-        return cfg.imitation_weight * imitation, {"loss": float(loss.detach()), "imitation": float(imitation.detach())}
+        logs = {"loss": float(loss.detach()), "imitation": float(imitation.detach())}
+        return _Unroll(cfg.imitation_weight * imitation, logs, first_step, values)
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one meta-step
 
     def validate(self) -> dict[str, float]:
-        """Mean accuracy and loss on the ``val`` split after ``val_steps`` steps of each val task."""
-        accs, losses = [], []
+        """Mean accuracy and loss on the ``val`` split after ``val_steps`` steps of each val task.
+
+        Under ``torch.distributed`` the val tasks are split across ranks and every rank
+        returns the same means.
+        """
+        local = []
         steps = self.curriculum.horizon if self.curriculum else self.config.val_steps
-        for task, seed in self.val_tasks:
+        for index in self.distributed.owned(len(self.val_tasks)):
+            task, seed = self.val_tasks[index]
             run = train_with_learned_optimizer(self.optimizer, task, seed, steps, eval_every=steps)
             metrics = task.evaluate(run.params, "val") if run.diverged_at is None else {"accuracy": 0.0,
                                                                                         "loss": math.inf}
-            accs.append(metrics["accuracy"])
-            losses.append(metrics["loss"])
+            local.append((index, metrics["accuracy"], metrics["loss"]))
+        results = sorted(r for part in self.distributed.all_gather(local) for r in part)
+        accs, losses = [r[1] for r in results], [r[2] for r in results]
         return {"val_accuracy": sum(accs) / len(accs), "val_loss": sum(losses) / len(losses)}
 
     def step(self, meta_step: int) -> dict[str, Any]:
         """One meta-step: an unroll of every trajectory, then (if all is finite) an update of φ.
 
         The meta-gradient is left in the learned optimizer's ``.grad`` (after clipping).
-        Returns the step's logs, which the ``after_unroll`` hook has seen.
+        Returns the step's logs, which the ``after_unroll`` hook has seen; they are the
+        same on every rank.
         """
         cfg = self.config
+        lr = self.meta_lr(meta_step)
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = lr
         self.meta_optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, Any] = {"meta_step": meta_step}
-        meta_losses, skipped = [], False
-        for i in range(cfg.meta_batch):
-            traj = self._trajectories[i]
+        local_losses: list[Tensor] = []
+        local_records: list[dict[str, Any]] = []
+        for slot in self._slots:
+            traj = self._trajectories[slot]
             if traj is None or traj.step >= traj.horizon:
-                traj = self._trajectories[i] = self._new_trajectory()
-            imitate = cfg.imitation_prob > 0 and float(torch.rand((), generator=self.generator)) < cfg.imitation_prob
-            meta_loss, unroll_logs = (self._imitation_unroll if imitate else self._unroll)(traj)
-            if not torch.isfinite(meta_loss):
-                skipped = True
-                self._trajectories[i] = None  # the optimizee is reset; φ never sees this unroll
-                logs["diverged_task"], logs["diverged_seed"] = traj.task.name, traj.seed
-                continue
-            meta_losses.append(meta_loss)
-            for k, v in unroll_logs.items():
-                logs[k] = logs.get(k, 0.0) + v / cfg.meta_batch
-        meta_loss = torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
-        logs.update(self.flat.stats())
-        logs["meta_loss"] = float(meta_loss.detach())
-        if meta_losses:
-            meta_loss.backward()
+                traj = self._trajectories[slot] = self._new_trajectory(slot)
+            imitate = cfg.imitation_prob > 0 and (
+                float(torch.rand((), generator=self._slot_generators[slot])) < cfg.imitation_prob)
+            with self._estimators.use(slot):
+                unroll = (self._imitation_unroll if imitate else self._unroll)(traj)
+                stats = self.flat.stats()
+            value = float(unroll.meta_loss.detach())
+            record: dict[str, Any] = {"slot": slot, "meta_loss": value, "logs": unroll.logs, "stats": stats}
+            if math.isfinite(value):
+                local_losses.append(unroll.meta_loss)
+            else:
+                bad = next((i for i, v in enumerate(unroll.values) if not bool(torch.isfinite(v))),
+                           len(unroll.values) - 1)
+                record["diverged"] = {"task": traj.task.name, "seed": traj.seed, "step": unroll.first_step + bad}
+                self._trajectories[slot] = None  # the optimizee is reset; φ never sees this unroll
+            local_records.append(record)
+        records = sorted((r for part in self.distributed.all_gather(local_records) for r in part),
+                         key=lambda r: r["slot"])
+        finite = [r for r in records if "diverged" not in r]
+        diverged = [r for r in records if "diverged" in r]
+
+        logs: dict[str, Any] = {"meta_step": meta_step, "meta_lr": lr}
+        logs.update(_mean_by_key([r["logs"] for r in finite]))
+        logs.update(_mean_by_key([r["stats"] for r in finite]))
+        logs["meta_loss"] = sum(r["meta_loss"] for r in finite) / len(finite) if finite else math.nan
+        for r in diverged:
+            if self.distributed.is_main:
+                d = r["diverged"]
+                logger.warning("meta-step %d: trajectory slot %d (task %s, init seed %d) diverged at optimizee step "
+                               "%d (non-finite loss or flatness term); the unroll is dropped and the trajectory "
+                               "reset", meta_step, r["slot"], d["task"], d["seed"], d["step"])
+        if diverged:
+            first = diverged[0]["diverged"]
+            logs["diverged_task"], logs["diverged_seed"], logs["diverged_step"] = (first["task"], first["seed"],
+                                                                                   first["step"])
+
+        gradient_failed = False
+        if finite:
+            if local_losses:
+                torch.stack(local_losses).sum().backward()
+            finite_gradient = self._average_meta_gradient(len(finite))
             weights = [p for p in self.optimizer.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(weights, cfg.clip if cfg.clip > 0 else math.inf)
-            if torch.isfinite(norm):
+            if finite_gradient and bool(torch.isfinite(norm)):
                 self.meta_optimizer.step()
                 logs["meta_grad_norm"] = float(norm)
             else:
-                skipped = True
+                gradient_failed = True
                 self.meta_optimizer.zero_grad(set_to_none=True)
-                self._trajectories = [None] * cfg.meta_batch
+                for slot in self._slots:
+                    self._trajectories[slot] = None
+                logs["meta_grad_non_finite"] = True
+                if self.distributed.is_main:
+                    logger.warning("meta-step %d: the meta-gradient is not finite; the learned optimizer is not "
+                                   "updated and every trajectory is reset", meta_step)
+        skipped = bool(diverged) or gradient_failed
         self.skipped += int(skipped)
+        self.diverged += len(diverged)
         logs["skipped"], logs["skipped_total"] = skipped, self.skipped
-        self.flat.after_unroll(step=meta_step, meta_loss=meta_loss.detach(), logs=logs)
+        logs["diverged"], logs["diverged_total"] = len(diverged), self.diverged
+        self.flat.after_unroll(step=meta_step, meta_loss=torch.tensor(logs["meta_loss"]), logs=logs)
         return logs
 
-    def train(self, *, progress: bool | Callable[[int], Any] = False) -> MetaTrainResult:
-        """Run ``config.meta_steps`` meta-steps and restore the best validated weights."""
-        cfg = self.config
+    def _average_meta_gradient(self, count: int) -> bool:
+        """Sum every rank's meta-gradient, divide by ``count``; False if any rank's was not finite.
+
+        One all-reduce carries the gradients, a has-gradient mask (a weight no unroll
+        reached keeps ``grad=None``, which Adam skips, exactly as in a single process) and
+        the non-finite flag, so that all ranks take the same decision.
+        """
+        params = list(self.optimizer.parameters())
+        if not params:
+            return True
+        dtype = reduce(torch.promote_types, (p.dtype for p in params))
+        local = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                           for p in params])
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=local.device)
+        flag = (~torch.isfinite(local)).any().to(dtype).reshape(1)
+        buffer = self.distributed.all_reduce_sum(torch.cat([local, has_grad, flag]))
+        offset = 0
+        present = buffer[local.numel():local.numel() + len(params)].tolist()
+        for p, reached in zip(params, present):
+            size = p.numel()
+            p.grad = (buffer[offset:offset + size] / count).view_as(p).to(p.dtype) if reached > 0 else None
+            offset += size
+        return not bool(buffer[-1] > 0)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, *, progress: bool | Callable[[int], Any] = False, resume: bool = False) -> MetaTrainResult:
+        """Run meta-steps up to ``config.meta_steps`` and restore the best validated weights.
+
+        Args:
+            progress: ``True`` for a progress bar (rank 0), or a callback ``f(meta_step)``.
+            resume: Continue from ``run_dir/checkpoint/`` instead of starting afresh.
+
+        Raises:
+            TrainingCheckpointError: ``resume`` without a readable checkpoint that fits
+                this trainer, or a fresh start in a ``run_dir`` that already holds one.
+            KeyboardInterrupt: Re-raised after writing a checkpoint at the last completed
+                meta-step (single process; under ``torch.distributed`` the last periodic
+                checkpoint is the resume point).
+        """
+        cfg, dist_ctx = self.config, self.distributed
         result = MetaTrainResult()
-        best_state: dict[str, Tensor] | None = None
-        start = time.perf_counter()
-        bar = _progress_bar(cfg.meta_steps, progress)
-        for meta_step in range(cfg.meta_steps):
-            logs = self.step(meta_step)
-            if self.val_tasks and cfg.val_every and ((meta_step + 1) % cfg.val_every == 0
-                                                     or meta_step + 1 == cfg.meta_steps):
-                scores = self.validate()
-                logs.update(scores)
-                result.validation.append({"meta_step": meta_step + 1, **scores})
-                if scores["val_accuracy"] > result.best_score:
-                    result.best_score, result.best_step = scores["val_accuracy"], meta_step + 1
-                    best_state = copy.deepcopy(self.optimizer.state_dict())
-                if self.curriculum is not None and self.curriculum.observe(scores["val_accuracy"]):
-                    # Next stage: longer trajectories, starting from the best weights so far.
-                    self.optimizer.load_state_dict(best_state)
-                    self._trajectories = [None] * cfg.meta_batch
-                    # Scores at different horizons are not comparable: the best is per stage.
-                    result.best_score = -math.inf
-                    logs["curriculum_advanced"] = True
-            if self.curriculum is not None:
-                logs["curriculum_stage"], logs["horizon"] = self.curriculum.stage, self.curriculum.horizon
-            logs["seconds"] = time.perf_counter() - start
-            result.history.append(logs)
-            bar(meta_step, logs)
-        bar.close()
-        if best_state is not None:
-            self.optimizer.load_state_dict(best_state)
-        result.skipped = self.skipped
-        result.seconds = time.perf_counter() - start
+        start = 0
+        if resume:
+            if self.run_dir is None:
+                raise ConfigError("MetaTrainer.train(resume=True) needs run_dir= to resume from")
+            checkpoint = self._read_checkpoint()
+            self._restore(checkpoint)
+            start = result.resumed_from = checkpoint.step
+        elif self.run_dir is not None:
+            existing = dist_ctx.broadcast(str(checkpoint_dir(self.run_dir)) if dist_ctx.is_main
+                                          and checkpoint_dir(self.run_dir) is not None else None)
+            if existing is not None:
+                raise TrainingCheckpointError(f"{existing} already holds a checkpoint of this run folder; pass "
+                                              f"resume=True to continue it, or choose a new run_dir")
+        metrics = None
+        if self.run_dir is not None and dist_ctx.is_main:
+            metrics = MetricsLog(self.run_dir / METRICS_FILE)
+            result.history = metrics.open(keep=start)
+            result.validation = [{"meta_step": h["meta_step"] + 1, "val_accuracy": h["val_accuracy"],
+                                  "val_loss": h["val_loss"]} for h in result.history if "val_accuracy" in h]
+        snapshot = self._capture(start) if self.run_dir is not None else None
+        saved_step = start if resume else None
+        clock = time.perf_counter() - self._seconds
+        bar = _progress_bar(cfg.meta_steps, progress if dist_ctx.is_main else False, initial=start)
+        try:
+            for meta_step in range(start, cfg.meta_steps):
+                logs = self.step(meta_step)
+                self._validate_and_advance(meta_step, logs, result)
+                if self.curriculum is not None:
+                    logs["curriculum_stage"], logs["horizon"] = self.curriculum.stage, self.curriculum.horizon
+                logs["seconds"] = self._seconds = time.perf_counter() - clock
+                result.history.append(logs)
+                if metrics is not None:
+                    metrics.append(logs)
+                bar(meta_step, logs)
+                if self.run_dir is not None:
+                    snapshot = self._capture(meta_step + 1)
+                    if cfg.checkpoint_every and (meta_step + 1) % cfg.checkpoint_every == 0:
+                        self._save(snapshot, metrics)
+                        saved_step = snapshot.step
+            if snapshot is not None and saved_step != snapshot.step:
+                self._save(snapshot, metrics)
+        except KeyboardInterrupt:
+            if snapshot is not None:
+                if saved_step != snapshot.step and dist_ctx.world_size == 1:
+                    self._save(snapshot, metrics)
+                    saved_step = snapshot.step
+                elif saved_step != snapshot.step and dist_ctx.is_main:
+                    logger.warning("interrupted mid-step: the ranks cannot gather their trajectories now, so no "
+                                   "checkpoint is written for meta-step %d", snapshot.step)
+                if saved_step is not None and dist_ctx.is_main:
+                    logger.warning("interrupted: the checkpoint in %s holds meta-step %d; train(resume=True) "
+                                   "continues from there", self.run_dir / CHECKPOINT_DIR, saved_step)
+            raise
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        if self._best_weights is not None:
+            self.optimizer.load_state_dict(self._best_weights)
+        result.best_score, result.best_step = self._best_score, self._best_step
+        result.skipped, result.diverged = self.skipped, self.diverged
+        result.seconds = self._seconds = time.perf_counter() - clock
         return result
+
+    def _validate_and_advance(self, meta_step: int, logs: dict[str, Any], result: MetaTrainResult) -> None:
+        cfg = self.config
+        if not (self.val_tasks and cfg.val_every and ((meta_step + 1) % cfg.val_every == 0
+                                                       or meta_step + 1 == cfg.meta_steps)):
+            return
+        scores = self.validate()
+        logs.update(scores)
+        result.validation.append({"meta_step": meta_step + 1, **scores})
+        if scores["val_accuracy"] > self._best_score:
+            self._best_score, self._best_step = scores["val_accuracy"], meta_step + 1
+            self._best_weights = copy.deepcopy(self.optimizer.state_dict())
+        if self.curriculum is not None and self.curriculum.observe(scores["val_accuracy"]):
+            # Next stage: longer trajectories, starting from the best weights so far.
+            self.optimizer.load_state_dict(self._best_weights)
+            self._trajectories = [None] * cfg.meta_batch
+            # Scores at different horizons are not comparable: the best is per stage.
+            self._best_score = -math.inf
+            logs["curriculum_advanced"] = True
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _capture(self, step: int) -> Checkpoint:
+        """The state after ``step`` completed meta-steps, as a checkpoint in memory.
+
+        Tensors that the loop replaces rather than writes into (trajectory params and
+        states, probes, teacher moments, best weights) are referenced, not copied; what
+        is updated in place (φ, Adam's moments, generators) is copied. Taken after every
+        meta-step, so that an interruption mid-step can still save the last whole one.
+        """
+        cfg = self.config
+        tensors: dict[str, Tensor] = {"rng/torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{index}"] = cuda_state
+        np_state = np.random.get_state(legacy=True)
+        tensors["rng/numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+        version, internal, gauss = random.getstate()
+        optimizer_state = self.meta_optimizer.state_dict()
+        optimizer_scalars: dict[str, dict[str, Any]] = {}
+        for index, entries in optimizer_state["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, Tensor):
+                    tensors[f"meta_optimizer/{index}/{key}"] = value.detach().clone()
+                else:
+                    optimizer_scalars.setdefault(str(index), {})[key] = value
+        slots: dict[str, Any] = {}
+        for slot in self._slots:
+            prefix = f"slot/{slot}"
+            tensors[f"{prefix}/generator"] = self._slot_generators[slot].get_state()
+            estimator_tensors, estimator_meta = self._estimators.export(slot, f"{prefix}/estimators")
+            tensors.update(estimator_tensors)
+            slots[str(slot)] = {"trajectory": self._export_trajectory(self._trajectories[slot], prefix, tensors),
+                                "estimators": estimator_meta}
+        state = {
+            "config": _as_json(asdict(cfg)),
+            "seconds": self._seconds,
+            "skipped": self.skipped,
+            "diverged": self.diverged,
+            "best_score": self._best_score,
+            "best_step": self._best_step,
+            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
+            "meta_optimizer": {"param_groups": optimizer_state["param_groups"], "state": optimizer_scalars},
+            "rng": {"python": [version, list(internal), gauss],
+                    "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+            "estimators": self._estimators.fingerprint,
+            "slots": slots,
+            "learned_optimizer": type(self.optimizer).__qualname__,
+            "world_size": self.distributed.world_size,
+        }
+        weights = {k: v.detach().clone() for k, v in self.optimizer.state_dict().items()}
+        return Checkpoint(step=step, weights=weights, best_weights=self._best_weights, tensors=tensors, state=state)
+
+    @staticmethod
+    def _export_trajectory(traj: _Trajectory | None, prefix: str, tensors: dict[str, Tensor]) -> dict[str, Any] | None:
+        if traj is None:
+            return None
+        key = f"{prefix}/trajectory"
+        for j, p in enumerate(traj.params):
+            tensors[f"{key}/param/{j}"] = p
+        for name, value in traj.state.items():
+            tensors[f"{key}/state/{name}"] = value
+        tensors[f"{key}/batches"] = traj.generator.get_state()
+        tensors[f"{key}/sample_generator"] = traj.sample_state
+        teacher = None
+        if traj.teacher is not None:
+            moments = traj.teacher.state_dict()
+            for j, (m, v) in enumerate(zip(moments["exp_avg"], moments["exp_avg_sq"])):
+                tensors[f"{key}/teacher/exp_avg/{j}"], tensors[f"{key}/teacher/exp_avg_sq/{j}"] = m, v
+            teacher = {"lr": traj.teacher.lr, "betas": list(traj.teacher.betas), "eps": traj.teacher.eps,
+                       "rho": traj.teacher.rho, "step": moments["step"], "moments": len(moments["exp_avg"])}
+        return {"task": traj.task.name, "seed": traj.seed, "horizon": traj.horizon, "step": traj.step,
+                "initial_loss": traj.initial_loss, "params": len(traj.params), "state_keys": list(traj.state),
+                "device": str(traj.params[0].device) if traj.params else "cpu", "teacher": teacher}
+
+    def _save(self, snapshot: Checkpoint, metrics: MetricsLog | None) -> None:
+        """Write ``snapshot`` (rank 0, with the other ranks' slots gathered)."""
+        parts = self.distributed.gather(None if self.distributed.is_main else (
+            {k: v.detach().cpu() for k, v in snapshot.tensors.items() if k.startswith("slot/")},
+            snapshot.state["slots"]))
+        if self.distributed.is_main:
+            tensors, slots = dict(snapshot.tensors), dict(snapshot.state["slots"])
+            for part in (parts or [])[1:]:
+                tensors.update(part[0])
+                slots.update(part[1])
+            if metrics is not None:
+                metrics.sync()  # the checkpoint refers to these lines
+            save_checkpoint(self.run_dir, Checkpoint(step=snapshot.step, weights=snapshot.weights,
+                                                     best_weights=snapshot.best_weights, tensors=tensors,
+                                                     state={**snapshot.state, "slots": slots}))
+        self.distributed.check_replicas(self.optimizer, step=snapshot.step)
+
+    def _read_checkpoint(self) -> Checkpoint:
+        payload: Checkpoint | TrainingCheckpointError | None = None
+        if self.distributed.is_main:
+            try:
+                payload = load_checkpoint(self.run_dir)
+            except TrainingCheckpointError as exc:
+                payload = exc
+        # Rank 0 reads, everyone gets it: run_dir need not be on a shared file system.
+        payload = self.distributed.broadcast(payload)
+        if isinstance(payload, Exception):
+            raise payload
+        return payload
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """Load ``checkpoint`` into this trainer; raise if it belongs to another run."""
+        folder = checkpoint_dir(self.run_dir) or self.run_dir / CHECKPOINT_DIR
+        state_file = folder / "trainer.json"
+        try:
+            self._check_compatible(checkpoint, folder)
+            self._restore_state(checkpoint, state_file)
+        except KeyError as exc:
+            raise TrainingCheckpointError(f"checkpoint {folder} lacks the entry {exc}; it was written by another "
+                                          f"version of this trainer and cannot be resumed") from exc
+
+    def _check_compatible(self, checkpoint: Checkpoint, folder: Path) -> None:
+        state, state_file = checkpoint.state, folder / "trainer.json"
+        saved, now = state["config"], _as_json(asdict(self.config))
+        changed = [k for k in sorted(set(saved) | set(now))
+                   if k not in _RESUMABLE_FIELDS and saved.get(k) != now.get(k)]
+        if changed:
+            details = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+            raise TrainingCheckpointError(f"checkpoint file {state_file} was written with another MetaTrainConfig: "
+                                          f"{details}; resume with the same config (only {', '.join(_RESUMABLE_FIELDS)}"
+                                          f" may change) or start a new run_dir")
+        fingerprint = _as_json(self._estimators.fingerprint)
+        if state["estimators"] != fingerprint:
+            raise TrainingCheckpointError(f"checkpoint file {state_file} was written with other activated "
+                                          f"regularizers or estimator options ({state['estimators']}; now "
+                                          f"{fingerprint}); resume with the same regularizers config")
+        try:
+            self.optimizer.load_state_dict(checkpoint.weights)
+        except RuntimeError as exc:
+            raise TrainingCheckpointError(f"checkpoint file {folder / 'weights.safetensors'} does not fit this "
+                                          f"learned optimizer ({type(self.optimizer).__name__}; the checkpoint's was "
+                                          f"{state.get('learned_optimizer')}): {exc}") from exc
+        if sorted(int(k) for k in state["slots"]) != list(range(self.config.meta_batch)):
+            raise TrainingCheckpointError(f"checkpoint file {state_file} holds trajectory slots "
+                                          f"{sorted(state['slots'])}, expected 0 .. {self.config.meta_batch - 1}")
+
+    def _restore_state(self, checkpoint: Checkpoint, state_file: Path) -> None:
+        state, tensors = checkpoint.state, checkpoint.tensors
+        moments: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("meta_optimizer/"):
+                _, index, name = key.split("/", 2)
+                moments.setdefault(int(index), {})[name] = value
+        for index, scalars in state["meta_optimizer"]["state"].items():
+            moments.setdefault(int(index), {}).update(scalars)
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+                  for group in state["meta_optimizer"]["param_groups"]]
+        try:
+            self.meta_optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        except (ValueError, RuntimeError) as exc:
+            raise TrainingCheckpointError(f"checkpoint file {state_file}: the meta-optimizer state does not fit "
+                                          f"this learned optimizer's weights ({exc})") from exc
+
+        torch.set_rng_state(tensors["rng/torch"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, position, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+
+        self.skipped, self.diverged, self._seconds = int(state["skipped"]), int(state["diverged"]), state["seconds"]
+        self._best_score, self._best_step = state["best_score"], state["best_step"]
+        self._best_weights = checkpoint.best_weights
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
+        for slot, generator in enumerate(self._slot_generators):
+            generator.set_state(tensors[f"slot/{slot}/generator"])
+        for slot in self._slots:
+            entry = state["slots"][str(slot)]
+            try:
+                self._estimators.load(slot, f"slot/{slot}/estimators", tensors, entry["estimators"])
+            except KeyError as exc:
+                raise TrainingCheckpointError(f"checkpoint file {state_file}: {exc.args[0]}") from exc
+            self._trajectories[slot] = self._import_trajectory(slot, entry["trajectory"], tensors, state_file)
+
+    def _import_trajectory(self, slot: int, entry: dict[str, Any] | None, tensors: dict[str, Tensor],
+                           state_file: Path) -> _Trajectory | None:
+        if entry is None:
+            return None
+        key = f"slot/{slot}/trajectory"
+        # The task object is not saved: drawing again from the saved generator state rebuilds it.
+        replay = torch.Generator()
+        replay.set_state(tensors[f"{key}/sample_generator"])
+        task, seed = self.sample_task(replay)
+        if int(seed) != entry["seed"] or task.name != entry["task"]:
+            raise TrainingCheckpointError(
+                f"checkpoint file {state_file}: trajectory slot {slot} was task {entry['task']!r} with init seed "
+                f"{entry['seed']}, but sample_task now draws {task.name!r} with seed {seed} from the same generator "
+                f"state; sample_task must draw only from the generator it is given, from the same task list")
+        device = torch.device(entry["device"])
+        params = [tensors[f"{key}/param/{j}"].to(device) for j in range(entry["params"])]
+        state = {name: tensors[f"{key}/state/{name}"].to(device) for name in entry["state_keys"]}
+        batches = torch.Generator()
+        batches.set_state(tensors[f"{key}/batches"])
+        traj = _Trajectory(task, int(seed), params, state, batches, int(entry["horizon"]), slot=slot,
+                           sample_state=tensors[f"{key}/sample_generator"], step=int(entry["step"]),
+                           initial_loss=entry["initial_loss"])
+        teacher = entry["teacher"]
+        if teacher is not None:
+            traj.teacher = Teacher(lr=teacher["lr"], betas=tuple(teacher["betas"]), eps=teacher["eps"],
+                                   rho=teacher["rho"])
+            count = teacher["moments"]
+            traj.teacher.load_state_dict({
+                "exp_avg": [tensors[f"{key}/teacher/exp_avg/{j}"].to(device) for j in range(count)],
+                "exp_avg_sq": [tensors[f"{key}/teacher/exp_avg_sq/{j}"].to(device) for j in range(count)],
+                "step": teacher["step"]})
+        return traj
 
 
 class _progress_bar:  # noqa: N801 - used like a function
     """A tqdm bar when ``progress`` is true, a user callback when it is callable, else nothing."""
 
-    def __init__(self, total: int, progress: bool | Callable[[int], Any]) -> None:
+    def __init__(self, total: int, progress: bool | Callable[[int], Any], *, initial: int = 0) -> None:
         self._callback = progress if callable(progress) else None
         self._bar = None
         if progress is True:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc="meta-train", leave=False)
+            self._bar = tqdm(total=total, initial=initial, desc="meta-train", leave=False)
 
     def __call__(self, step: int, logs: dict[str, Any]) -> None:
         if self._bar is not None:

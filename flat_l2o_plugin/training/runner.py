@@ -1,0 +1,252 @@
+"""One meta-training run described by plain data, in a run folder: build, train, resume.
+
+A *spec* is a JSON-serializable dict; every component is built through the plugin
+registry, exactly as a user would::
+
+    {"optimizer": {"name": "rnnprop", "options": {}},
+     "task": {"name": "mlp_digits", "options": {}},
+     "regularizers": {"hessian_top_eigenvalue": {"weight": 0.1}},   # the activation config
+     "trainer": {"meta_steps": 200, "unroll": 20, ...},              # MetaTrainConfig fields
+     "val_tasks": 3,                                                 # validation optimizees
+     "threads": 1}                                                   # torch threads (optional)
+
+Every key is optional (defaults: RNNProp on ``mlp_digits``, no regularizer, the default
+``MetaTrainConfig``, 3 validation tasks, torch's thread count). Seeds follow
+:mod:`.experiment`: torch's global RNG is seeded with ``trainer.seed`` before anything is
+built, meta-training init seeds come from ``[TRAIN_SEEDS_START, ...)`` and validation
+uses seeds ``VAL_SEEDS_START + i`` on the ``val`` split.
+
+The run folder receives ``config.json`` (the spec, echoed), ``metrics.jsonl``,
+``checkpoint/`` and, at the end, ``optimizer.safetensors``: the best learned optimizer,
+loadable with :func:`~flat_l2o_plugin.optimizers.weights.load_learned_optimizer`.
+
+Under ``torchrun`` (``WORLD_SIZE`` set) the run joins the process group and splits the
+meta-batch over the ranks (:mod:`.distributed`); only rank 0 writes files. From a shell::
+
+    python -m flat_l2o_plugin.training.runner spec.json runs/exp1            # start
+    python -m flat_l2o_plugin.training.runner spec.json runs/exp1 --resume   # continue after a kill
+    torchrun --nproc_per_node=4 -m flat_l2o_plugin.training.runner spec.json runs/exp1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigError, FlatL2OError
+from ..protocols import Task
+from .checkpoint import TrainingCheckpointError, checkpoint_dir
+from .distributed import init_distributed, shutdown_distributed
+from .experiment import TRAIN_SEEDS_START, VAL_SEEDS_START
+from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "main", "normalize_spec", "run_meta_training"]
+
+CONFIG_FILE = "config.json"
+"""The echoed spec inside a run folder."""
+
+WEIGHTS_FILE = "optimizer.safetensors"
+"""The final (best validated) learned optimizer inside a run folder."""
+
+_DEFAULTS: dict[str, Any] = {"optimizer": {"name": "rnnprop", "options": {}},
+                             "task": {"name": "mlp_digits", "options": {}},
+                             "regularizers": {}, "trainer": {}, "val_tasks": 3, "threads": None}
+_RESUMABLE_TRAINER_FIELDS = ("meta_steps", "checkpoint_every")
+
+
+def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with its defaults filled in and its types checked.
+
+    Raises:
+        ConfigError: An unknown key or a value of the wrong type (the message names it,
+            e.g. ``spec.task.name``).
+    """
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"spec must be a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"spec: unknown key(s) {unknown}; expected some of {sorted(_DEFAULTS)}")
+    out = json.loads(json.dumps({**_DEFAULTS, **spec}))  # a deep, JSON-faithful copy
+    for part in ("optimizer", "task"):
+        entry = out[part]
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "options"}:
+            raise ConfigError(f"spec.{part} must be {{\"name\": str, \"options\": {{...}}}}, got {entry!r}")
+        entry.setdefault("options", {})
+        if not isinstance(entry["options"], dict):
+            raise ConfigError(f"spec.{part}.options must be an object, got {entry['options']!r}")
+    for part in ("regularizers", "trainer"):
+        if not isinstance(out[part], dict):
+            raise ConfigError(f"spec.{part} must be an object, got {out[part]!r}")
+    val_tasks = out["val_tasks"]
+    if not isinstance(val_tasks, int) or isinstance(val_tasks, bool) or val_tasks < 0:
+        raise ConfigError(f"spec.val_tasks must be an integer >= 0, got {val_tasks!r}")
+    threads = out["threads"]
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"spec.threads must be an integer >= 1 or null, got {threads!r}")
+    return out
+
+
+class _TrainSeeds:
+    """Samples one task with a fresh meta-training init seed from the slot's generator."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def __call__(self, generator: torch.Generator) -> tuple[Task, int]:
+        return self.task, TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _check_resumed_spec(path: Path, spec: dict[str, Any]) -> None:
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TrainingCheckpointError(f"run config {path} is not valid JSON ({exc})") from exc
+
+    def comparable(s: Mapping[str, Any]) -> dict[str, Any]:
+        trainer = {k: v for k, v in s.get("trainer", {}).items() if k not in _RESUMABLE_TRAINER_FIELDS}
+        return {**s, "trainer": trainer}
+
+    if comparable(saved) != comparable(spec):
+        changed = sorted(k for k in set(saved) | set(spec) if comparable(saved).get(k) != comparable(spec).get(k))
+        raise TrainingCheckpointError(f"run config {path} differs from this spec in {changed}; resume with the spec "
+                                      f"the run started with (only trainer.meta_steps and trainer.checkpoint_every "
+                                      f"may change) or start a new run folder")
+
+
+def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], *, resume: bool = False,
+                      progress: bool = False) -> MetaTrainResult:
+    """Meta-train the learned optimizer ``spec`` describes, writing the run into ``run_dir``.
+
+    Args:
+        spec: The run, as plain data (see the module docstring).
+        run_dir: The run folder (created if missing).
+        resume: Continue from ``run_dir/checkpoint/`` (the spec must match
+            ``run_dir/config.json`` except for ``trainer.meta_steps`` and
+            ``trainer.checkpoint_every``).
+        progress: Show a progress bar (rank 0 only).
+
+    Returns:
+        The trainer's result; the learned optimizer with the best validated weights is in
+        ``run_dir/optimizer.safetensors``.
+
+    Raises:
+        ConfigError: A bad spec (the message names the field).
+        TrainingCheckpointError: ``resume`` without a usable checkpoint, or a fresh start
+            in a folder that holds one.
+
+    Example:
+        >>> result = run_meta_training({"trainer": {"meta_steps": 100, "unroll": 10, "horizon": 50}},
+        ...                            "runs/rnnprop", progress=True)
+    """
+    from .. import FlatL2O, create_optimizer, create_task
+    from ..optimizers.weights import save_learned_optimizer
+
+    spec = normalize_spec(spec)
+    run_dir = Path(run_dir)
+    try:
+        config = MetaTrainConfig(**spec["trainer"])
+    except TypeError as exc:
+        raise ConfigError(f"spec.trainer: {exc}; the fields are those of MetaTrainConfig") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"spec.trainer: {exc}") from exc
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    context = init_distributed()
+    threads = torch.get_num_threads()
+    try:
+        if spec["threads"]:
+            torch.set_num_threads(spec["threads"])
+        if context.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                _check_resumed_spec(run_dir / CONFIG_FILE, spec)
+        torch.manual_seed(config.seed)
+        model = create_optimizer(spec["optimizer"]["name"], **spec["optimizer"]["options"])
+        optimizee = create_task(spec["task"]["name"], **spec["task"]["options"])
+        flat = FlatL2O(spec["regularizers"])
+        trainer = MetaTrainer(model, _TrainSeeds(optimizee), flat=flat, config=config, run_dir=run_dir,
+                              val_tasks=[(optimizee, VAL_SEEDS_START + i) for i in range(spec["val_tasks"])],
+                              distributed=context)
+        if context.is_main and (resume or checkpoint_dir(run_dir) is None):
+            # Echoed only once the run is known to start: a refused fresh start leaves
+            # the folder's config as it was.
+            _write_json_atomically(run_dir / CONFIG_FILE, spec)
+        result = trainer.train(progress=progress, resume=resume)
+        if context.is_main:
+            save_learned_optimizer(run_dir / WEIGHTS_FILE, model, name=spec["optimizer"]["name"],
+                                   options=spec["optimizer"]["options"])
+        return result
+    finally:
+        torch.set_num_threads(threads)
+        if owns_group:
+            shutdown_distributed()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flat_l2o_plugin.training.runner SPEC.json RUN_DIR [--resume] [--progress]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flat_l2o_plugin.training.runner", description="Meta-train one spec in a run folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m flat_l2o_plugin.training.runner spec.json runs/exp1\n"
+               "  python -m flat_l2o_plugin.training.runner spec.json runs/exp1 --resume\n"
+               "  torchrun --nproc_per_node=2 -m flat_l2o_plugin.training.runner spec.json runs/exp1")
+    parser.add_argument("spec", help="the run's spec, a JSON file")
+    parser.add_argument("run_dir", help="the run folder (config.json, metrics.jsonl, checkpoint/)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint/")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s")
+    try:
+        try:
+            spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"spec file {args.spec}: {exc}") from exc
+        result = run_meta_training(spec, args.run_dir, resume=args.resume, progress=args.progress)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FlatL2OError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if rank == 0:
+        print(json.dumps({"run_dir": str(args.run_dir), "meta_steps": len(result.history),
+                          "best_val_accuracy": result.best_score if math.isfinite(result.best_score) else None,
+                          "best_step": result.best_step,
+                          "skipped": result.skipped, "seconds": round(result.seconds, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
