@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,11 @@ def test_readme_has_python_examples():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index):
-    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
+    # A fresh interpreter per block, as a reader would run it: blocks register things in
+    # process-wide registries (timm's) that must not leak into other tests.
+    result = subprocess.run([sys.executable, "-c", BLOCKS[index]], capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("FLAT_L2O_")})
+    assert result.returncode == 0, f"README python block {index} failed:\n{result.stderr}"
 
 
 def test_readme_test_command_is_what_ci_runs():
