@@ -196,10 +196,10 @@ class MetaTrainResult:
     Attributes:
         history: One logs dict per meta-step, from meta-step 0 (on a resumed run, the
             steps before the checkpoint are read back from ``metrics.jsonl``).
-        validation: ``{"meta_step", "val_accuracy", "val_loss"}`` per validation.
+        validation: ``{"meta_step", "val_score", "val_loss"}`` (and ``"val_accuracy"``) per validation.
         best_step: The meta-step count of the best validation (in the current
             curriculum stage), or ``None``.
-        best_score: Its validation accuracy.
+        best_score: Its validation score (accuracy, or minus the loss for tasks without one).
         skipped: Meta-steps in which something diverged.
         diverged: Trajectories dropped for a non-finite unroll.
         seconds: Wall time, summed over all runs of a resumed training.
@@ -381,10 +381,12 @@ class MetaTrainer:
     # ------------------------------------------------------------------ one meta-step
 
     def validate(self) -> dict[str, float]:
-        """Mean accuracy and loss on the ``val`` split after ``val_steps`` steps of each val task.
+        """Scores on the ``val`` split after ``val_steps`` steps of each val task.
 
-        Under ``torch.distributed`` the val tasks are split across ranks and every rank
-        returns the same means.
+        ``val_score`` selects checkpoints: the mean accuracy when every val task reports
+        one (classifiers), else minus the mean loss (quadratics, Rosenbrock). A diverged
+        run scores accuracy 0 and loss ∞. Under ``torch.distributed`` the val tasks are
+        split across ranks and every rank returns the same means.
         """
         local = []
         steps = self.curriculum.horizon if self.curriculum else self.config.val_steps
@@ -393,10 +395,15 @@ class MetaTrainer:
             run = train_with_learned_optimizer(self.optimizer, task, seed, steps, eval_every=steps)
             metrics = task.evaluate(run.params, "val") if run.diverged_at is None else {"accuracy": 0.0,
                                                                                         "loss": math.inf}
-            local.append((index, metrics["accuracy"], metrics["loss"]))
+            loss = metrics["loss"] if math.isfinite(metrics["loss"]) else math.inf
+            local.append((index, metrics.get("accuracy", math.nan), loss))
         results = sorted(r for part in self.distributed.all_gather(local) for r in part)
         accs, losses = [r[1] for r in results], [r[2] for r in results]
-        return {"val_accuracy": sum(accs) / len(accs), "val_loss": sum(losses) / len(losses)}
+        scores = {"val_loss": sum(losses) / len(losses)}
+        if not any(math.isnan(a) for a in accs):
+            scores["val_accuracy"] = sum(accs) / len(accs)
+        scores["val_score"] = scores.get("val_accuracy", -scores["val_loss"])
+        return scores
 
     def step(self, meta_step: int) -> dict[str, Any]:
         """One meta-step: an unroll of every trajectory, then (if all is finite) an update of φ.
@@ -537,8 +544,9 @@ class MetaTrainer:
         if self.run_dir is not None and dist_ctx.is_main:
             metrics = MetricsLog(self.run_dir / METRICS_FILE)
             result.history = metrics.open(keep=start)
-            result.validation = [{"meta_step": h["meta_step"] + 1, "val_accuracy": h["val_accuracy"],
-                                  "val_loss": h["val_loss"]} for h in result.history if "val_accuracy" in h]
+            result.validation = [{"meta_step": h["meta_step"] + 1,
+                                  **{k: h[k] for k in ("val_score", "val_accuracy", "val_loss") if k in h}}
+                                 for h in result.history if "val_score" in h]
         snapshot = self._capture(start) if self.run_dir is not None else None
         saved_step = start if resume else None
         clock = time.perf_counter() - self._seconds
@@ -592,10 +600,10 @@ class MetaTrainer:
         scores = self.validate()
         logs.update(scores)
         result.validation.append({"meta_step": meta_step + 1, **scores})
-        if scores["val_accuracy"] > self._best_score:
-            self._best_score, self._best_step = scores["val_accuracy"], meta_step + 1
+        if scores["val_score"] > self._best_score:
+            self._best_score, self._best_step = scores["val_score"], meta_step + 1
             self._best_weights = copy.deepcopy(self.optimizer.state_dict())
-        if self.curriculum is not None and self.curriculum.observe(scores["val_accuracy"]):
+        if self.curriculum is not None and self.curriculum.observe(scores["val_score"]):
             # Next stage: longer trajectories, starting from the best weights so far.
             self.optimizer.load_state_dict(self._best_weights)
             self._trajectories = [None] * cfg.meta_batch

@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if rank == 0:
         print(json.dumps({"run_dir": str(args.run_dir), "meta_steps": len(result.history),
-                          "best_val_accuracy": result.best_score if math.isfinite(result.best_score) else None,
+                          "best_val_score": result.best_score if math.isfinite(result.best_score) else None,
                           "best_step": result.best_step,
                           "skipped": result.skipped, "seconds": round(result.seconds, 3)}))
     return 0

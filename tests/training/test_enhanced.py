@@ -45,7 +45,8 @@ def test_trainer_lengthens_trajectories_and_restores_the_best_weights(task, monk
 
     def fake_validate():
         snapshots.append({k: v.clone() for k, v in optimizer.state_dict().items()})
-        return {"val_accuracy": next(scores), "val_loss": 1.0}
+        score = next(scores)
+        return {"val_accuracy": score, "val_score": score, "val_loss": 1.0}
 
     monkeypatch.setattr(trainer, "validate", fake_validate)
     result = trainer.train()

@@ -166,3 +166,12 @@ def test_meta_training_never_touches_the_test_split(task):
                           config=MetaTrainConfig(meta_steps=2, unroll=2, horizon=4, val_every=1, val_steps=3))
     trainer.train()
     assert splits and set(splits) == {"val"}
+
+
+def test_tasks_without_accuracy_validate_on_minus_the_loss():
+    task = create_task("quadratic", dim=5)
+    trainer = MetaTrainer(create_optimizer("rnnprop"), lambda g: (task, 1), flat=FlatL2O(), val_tasks=[(task, 100)],
+                          config=MetaTrainConfig(meta_steps=2, unroll=2, horizon=4, val_every=1, val_steps=5))
+    result = trainer.train()
+    assert all("val_accuracy" not in v and v["val_score"] == -v["val_loss"] for v in result.validation)
+    assert result.best_score == max(v["val_score"] for v in result.validation)
