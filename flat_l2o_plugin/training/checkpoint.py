@@ -51,6 +51,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from .._atomic import fsync_folder
 from ..tasks.checkpoint import CheckpointError
 
 __all__ = ["CHECKPOINT_DIR", "FORMAT", "FORMAT_VERSION", "Checkpoint", "TrainingCheckpointError",
@@ -156,18 +157,6 @@ def _write_file(path: Path, payload: bytes) -> dict[str, Any]:
     return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
-def _fsync_folder(folder: Path) -> None:
-    # A rename is durable only once its folder's entry is flushed (POSIX). Windows cannot
-    # open a folder for fsync, and does not need it.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` as ``run_dir/checkpoint/``, atomically (see the module docstring).
 
@@ -202,7 +191,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint) -> 
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": checkpoint.step,
                     "torch_version": torch.__version__, "files": files}
         _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
-        _fsync_folder(tmp)
+        fsync_folder(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,7 +201,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint) -> 
             shutil.rmtree(old)  # a writer was killed after step 3: checkpoint/ is valid
         os.replace(current, old)
     os.replace(tmp, current)
-    _fsync_folder(run_dir)
+    fsync_folder(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return current
 
