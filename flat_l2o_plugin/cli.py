@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, FlatL2OError, UnknownComponentError
@@ -112,6 +113,82 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_meta_train(args: argparse.Namespace) -> int:
+    from .config import load_config, validate_components
+    from .training.runner import WEIGHTS_FILE, run_meta_training
+
+    config = load_config(args.config, table=args.table, overrides=args.set or [])
+    if args.run_dir:
+        config.run_dir = args.run_dir
+    validate_components(config)
+    spec = config.as_dict()
+    run_dir = spec.pop("run_dir")
+    print(f"meta-training {config.optimizer.name} on {config.task.name}; run folder {run_dir}", file=sys.stderr)
+    try:
+        result = run_meta_training(spec, run_dir, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"flat-l2o: interrupted; the last completed meta-step is checkpointed in {run_dir}. "
+              f"Continue with: flat-l2o meta-train {args.config} --resume", file=sys.stderr)
+        return 130
+    best = f", best validation score {result.best_score:.4f} at meta-step {result.best_step}" \
+        if result.best_step is not None else ""
+    print(f"done: {len(result.history)} meta-steps, {result.skipped} skipped{best}. Outputs in {run_dir}: "
+          f"{WEIGHTS_FILE}, metrics.jsonl, config.json, provenance.json, checkpoint/")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json as _json
+    import statistics
+
+    from .config import parse_override
+    from .optimizers.weights import load_learned_optimizer, read_learned_optimizer_config
+    from .training.experiment import EVAL_SEEDS_START, evaluate
+
+    options: dict = {}
+    for text in args.task_option or []:
+        path, value = parse_override(text)
+        options[".".join(path)] = value
+    task = (args.task, options)
+    contenders = []
+    for path in args.weights:
+        saved = read_learned_optimizer_config(path)
+        model = load_learned_optimizer(path)
+        contenders.append((Path(path).name, {"learned": {"name": saved["optimizer"], "options": saved["options"],
+                                                         "state_dict": model.state_dict()}}))
+    for lr in args.adam or []:
+        contenders.append((f"adam(lr={lr:g})", {"baseline": {"name": "adam", "lr": lr}}))
+    if not contenders:
+        raise ConfigError("evaluate needs at least one WEIGHTS file or --adam LR")
+    rows = []
+    for label, spec in contenders:
+        runs = [evaluate(**spec, task=task, seed=EVAL_SEEDS_START + i, steps=args.steps, split=args.split,
+                         flatness=not args.no_flatness) for i in range(args.seeds)]
+        row = {"optimizer": label, "task": args.task, "task_options": options, "runs": len(runs)}
+        for key in (f"{args.split}_accuracy", f"{args.split}_loss", "train_loss", "top_eigenvalue"):
+            values = [r[key] for r in runs if key in r and r[key] == r[key]]
+            row[key] = statistics.fmean(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["diverged"] = sum(r["diverged_at"] is not None for r in runs)
+        rows.append(row)
+    if args.json:
+        print(_json.dumps(rows, indent=2))
+    else:
+        metric = f"{args.split}_accuracy"
+        print(f"{'optimizer':<32} {metric:>16} {'train loss':>12} {'top eig':>9}  ({args.seeds} seeds x {args.steps} "
+              f"steps on {args.task})")
+        for r in rows:
+            acc = "n/a" if r[metric] is None else f"{100 * r[metric]:.2f} ± {100 * r[metric + '_std']:.2f}"
+            eig = "n/a" if r["top_eigenvalue"] is None else f"{r['top_eigenvalue']:.3f}"
+            print(f"{r['optimizer']:<32} {acc:>16} {r['train_loss']:>12.4f} {eig:>9}"
+                  + (f"  ({r['diverged']} diverged)" if r["diverged"] else ""))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(_json.dumps(rows, indent=2))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flat-l2o", description="Flatness-aware meta-training for learned optimizers.",
@@ -133,6 +210,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=_KINDS)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("meta-train", help="meta-train a learned optimizer from a config file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o meta-train run.toml\n"
+                              "  flat-l2o meta-train run.toml --set trainer.meta_steps=500 --set regularizers."
+                              "sharpness.weight=0.1\n  flat-l2o meta-train pyproject.toml   # its [tool.flat_l2o] table\n"
+                              "  flat-l2o meta-train run.toml --resume   # after a kill or Ctrl-C")
+    p.add_argument("config", help="a .toml/.yaml/.json config, or a pyproject.toml with [tool.flat_l2o]")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--table", default=None, help="dotted table holding our config inside a host's file")
+    p.add_argument("--run-dir", default=None, help="run folder (default: the config's run_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_meta_train)
+
+    p = sub.add_parser("evaluate", help="train held-out optimizees with meta-trained optimizers (and Adam)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  flat-l2o evaluate runs/meta-train/optimizer.safetensors --adam 0.01\n"
+                              "  flat-l2o evaluate a.safetensors b.safetensors --task mlp_digits "
+                              "--task-option activation=relu --seeds 5 --steps 300 --out eval.json")
+    p.add_argument("weights", nargs="*", help="learned-optimizer files (from meta-train or save_learned_optimizer)")
+    p.add_argument("--adam", type=float, action="append", metavar="LR", help="also Adam at this learning rate")
+    p.add_argument("--task", default="mlp_digits", help="registered task (default: mlp_digits)")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    p.add_argument("--seeds", type=int, default=5, help="optimizee init seeds 0..N-1 (default: 5)")
+    p.add_argument("--steps", type=int, default=200, help="optimizee steps (default: 200)")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="split measured at the end")
+    p.add_argument("--no-flatness", action="store_true", help="skip the final top-eigenvalue measurement")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="meta-train RNNProp with and without the Hessian regularizer and compare",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

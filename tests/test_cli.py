@@ -52,7 +52,7 @@ def test_usage_errors_exit_2(args):
 
 
 def test_every_verb_has_help_with_examples():
-    for verb in ("plugins", "list", "demo"):
+    for verb in ("plugins", "list", "demo", "meta-train", "evaluate", "flatness", "plot"):
         out = flat_l2o(verb, "--help")
         assert out.returncode == 0 and "examples:" in out.stdout
 
@@ -69,3 +69,83 @@ def test_demo_quick_prints_the_table_and_writes_its_outputs(tmp_path):
     assert results["alpha"] in results["config"]["alphas"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "table.txt").read_text().strip() in out.stdout
+
+
+TINY_RUN = """
+[trainer]
+meta_steps = {steps}
+unroll = 2
+horizon = 4
+val_every = 2
+val_steps = 4
+checkpoint_every = 1
+[regularizers.sharpness]
+weight = 0.1
+"""
+
+
+def test_meta_train_then_evaluate(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_RUN.format(steps=4))
+    run_dir = tmp_path / "run"
+    out = flat_l2o("meta-train", str(config), "--run-dir", str(run_dir), "--no-progress",
+                   "--set", "task.options.batch_size=32")
+    assert out.returncode == 0, out.stderr
+    assert str(run_dir) in out.stdout
+    for name in ("optimizer.safetensors", "metrics.jsonl", "config.json", "provenance.json"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all("term/sharpness" in line for line in lines)
+    assert json.loads((run_dir / "config.json").read_text())["task"]["options"] == {"batch_size": 32}
+    assert json.loads((run_dir / "provenance.json").read_text())["torch"]
+
+    evaluation = tmp_path / "eval.json"
+    out = flat_l2o("evaluate", str(run_dir / "optimizer.safetensors"), "--adam", "0.01", "--seeds", "2",
+                   "--steps", "5", "--no-flatness", "--out", str(evaluation))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(evaluation.read_text())
+    assert [r["optimizer"] for r in rows] == ["optimizer.safetensors", "adam(lr=0.01)"]
+    assert all(r["runs"] == 2 and 0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--set", "trainer.meta_step=3"), "did you mean 'meta_steps'"),
+    (("--set", "optimizer.name=rnnprp"), "did you mean 'rnnprop'"),
+    (("--set", "regularizers.sharpness.rhoo=1"), "did you mean 'rho'"),
+])
+def test_meta_train_config_errors_exit_2_with_one_line(tmp_path, args, message):
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_RUN.format(steps=2))
+    out = flat_l2o("meta-train", str(config), "--run-dir", str(tmp_path / "run"), *args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_meta_train_ctrl_c_checkpoints_and_resumes(tmp_path):
+    import signal
+    import time
+
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_RUN.format(steps=400))
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAT_L2O_")}
+    proc = subprocess.Popen([sys.executable, "-m", "flat_l2o_plugin", "meta-train", str(config), "--run-dir",
+                             str(run_dir), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 400 and (run_dir / "checkpoint").is_dir()
+
+    config.write_text(TINY_RUN.format(steps=done + 2))
+    out = flat_l2o("meta-train", str(config), "--run-dir", str(run_dir), "--no-progress", "--resume")
+    assert out.returncode == 0, out.stderr
+    steps = [json.loads(line)["meta_step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(done + 2))

@@ -8,7 +8,12 @@ registry, exactly as a user would::
      "regularizers": {"hessian_top_eigenvalue": {"weight": 0.1}},   # the activation config
      "trainer": {"meta_steps": 200, "unroll": 20, ...},              # MetaTrainConfig fields
      "val_tasks": 3,                                                 # validation optimizees
+     "wrappers": [{"name": "flatness_aware", ...}],                  # retrofit wrappers, innermost first
+     "plugins": {"load": None, "disable": [], "strict": False},      # plugin control
      "threads": 1}                                                   # torch threads (optional)
+
+This is the shape of :meth:`flat_l2o_plugin.config.Config.as_dict` (without ``run_dir``),
+which is how ``flat-l2o meta-train CONFIG`` calls it.
 
 Every key is optional (defaults: RNNProp on ``mlp_digits``, no regularizer, the default
 ``MetaTrainConfig``, 3 validation tasks, torch's thread count). Seeds follow
@@ -16,7 +21,8 @@ Every key is optional (defaults: RNNProp on ``mlp_digits``, no regularizer, the 
 built, meta-training init seeds come from ``[TRAIN_SEEDS_START, ...)`` and validation
 uses seeds ``VAL_SEEDS_START + i`` on the ``val`` split.
 
-The run folder receives ``config.json`` (the spec, echoed), ``metrics.jsonl``,
+The run folder receives ``config.json`` (the spec, echoed), ``provenance.json`` (the
+versions of Python, torch, pluggy, timm, learn2learn and every plugin), ``metrics.jsonl``,
 ``checkpoint/`` and, at the end, ``optimizer.safetensors``: the best learned optimizer,
 loadable with :func:`~flat_l2o_plugin.optimizers.weights.load_learned_optimizer`.
 
@@ -49,17 +55,21 @@ from .distributed import init_distributed, shutdown_distributed
 from .experiment import TRAIN_SEEDS_START, VAL_SEEDS_START
 from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "main", "normalize_spec", "run_meta_training"]
+__all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "WEIGHTS_FILE", "main", "normalize_spec", "run_meta_training"]
 
 CONFIG_FILE = "config.json"
 """The echoed spec inside a run folder."""
+
+PROVENANCE_FILE = "provenance.json"
+"""Versions of everything that produced the run."""
 
 WEIGHTS_FILE = "optimizer.safetensors"
 """The final (best validated) learned optimizer inside a run folder."""
 
 _DEFAULTS: dict[str, Any] = {"optimizer": {"name": "rnnprop", "options": {}},
                              "task": {"name": "mlp_digits", "options": {}},
-                             "regularizers": {}, "trainer": {}, "val_tasks": 3, "threads": None}
+                             "regularizers": {}, "trainer": {}, "val_tasks": 3, "threads": None,
+                             "wrappers": [], "plugins": {"load": None, "disable": [], "strict": False}}
 _RESUMABLE_TRAINER_FIELDS = ("meta_steps", "checkpoint_every")
 
 
@@ -83,9 +93,12 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         entry.setdefault("options", {})
         if not isinstance(entry["options"], dict):
             raise ConfigError(f"spec.{part}.options must be an object, got {entry['options']!r}")
-    for part in ("regularizers", "trainer"):
+    for part in ("regularizers", "trainer", "plugins"):
         if not isinstance(out[part], dict):
             raise ConfigError(f"spec.{part} must be an object, got {out[part]!r}")
+    if not isinstance(out["wrappers"], list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str)
+                                                         for w in out["wrappers"]):
+        raise ConfigError(f"spec.wrappers must be a list of {{\"name\": str, ...}} objects, got {out['wrappers']!r}")
     val_tasks = out["val_tasks"]
     if not isinstance(val_tasks, int) or isinstance(val_tasks, bool) or val_tasks < 0:
         raise ConfigError(f"spec.val_tasks must be an integer >= 0, got {val_tasks!r}")
@@ -166,8 +179,10 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
         >>> result = run_meta_training({"trainer": {"meta_steps": 100, "unroll": 10, "horizon": 50}},
         ...                            "runs/rnnprop", progress=True)
     """
-    from .. import FlatL2O, create_optimizer, create_task
+    from ..config import config_from_dict, provenance
+    from ..host import FlatL2O
     from ..optimizers.weights import save_learned_optimizer
+    from ..wrappers import FlatnessAware, unwrap, wrap
 
     spec = normalize_spec(spec)
     run_dir = Path(run_dir)
@@ -188,16 +203,24 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
             if resume:
                 _check_resumed_spec(run_dir / CONFIG_FILE, spec)
         torch.manual_seed(config.seed)
-        model = create_optimizer(spec["optimizer"]["name"], **spec["optimizer"]["options"])
-        optimizee = create_task(spec["task"]["name"], **spec["task"]["options"])
-        flat = FlatL2O(spec["regularizers"])
-        trainer = MetaTrainer(model, _TrainSeeds(optimizee), flat=flat, config=config, run_dir=run_dir,
+        pm = config_from_dict({"plugins": spec["plugins"]}).plugin_manager()
+        model = pm.components.optimizers.get(spec["optimizer"]["name"], failed_plugins=pm.failures).create(
+            **spec["optimizer"]["options"])
+        optimizee = pm.components.tasks.get(spec["task"]["name"], failed_plugins=pm.failures).create(
+            **spec["task"]["options"])
+        flat = FlatL2O(spec["regularizers"], plugin_manager=pm)
+        learned = wrap(model, spec["wrappers"], plugin_manager=pm) if spec["wrappers"] else model
+        for layer in unwrap(learned):
+            if isinstance(layer, FlatnessAware):
+                layer.attach(flat)  # the reference host asks its facade; the wrapper answers
+        trainer = MetaTrainer(learned, _TrainSeeds(optimizee), flat=flat, config=config, run_dir=run_dir,
                               val_tasks=[(optimizee, VAL_SEEDS_START + i) for i in range(spec["val_tasks"])],
                               distributed=context)
         if context.is_main and (resume or checkpoint_dir(run_dir) is None):
             # Echoed only once the run is known to start: a refused fresh start leaves
             # the folder's config as it was.
             _write_json_atomically(run_dir / CONFIG_FILE, spec)
+            _write_json_atomically(run_dir / PROVENANCE_FILE, provenance(pm))
         result = trainer.train(progress=progress, resume=resume)
         if context.is_main:
             save_learned_optimizer(run_dir / WEIGHTS_FILE, model, name=spec["optimizer"]["name"],
