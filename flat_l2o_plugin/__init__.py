@@ -95,7 +95,7 @@ def _create(kind: str, name: str, options: dict[str, Any]) -> Any:
 
     pm = get_plugin_manager()
     registry = getattr(pm.components, kind)
-    info = registry.get(name, failed_plugins=pm.failures)
+    info = pm.component(kind, name)
     try:
         return info.create(**options)
     except (TypeError, ValueError) as exc:

@@ -397,9 +397,8 @@ def validate_components(config: Config, plugin_manager: Any = None) -> None:
     kinds = [("optimizer", "optimizers", config.optimizer), ("task", "tasks", config.task)]
     kinds += [(f"wrappers[{i}]", "wrappers", spec) for i, spec in enumerate(config.wrappers)]
     for where, kind, spec in kinds:
-        registry = getattr(pm.components, kind)
         try:
-            registry.get(spec.name, failed_plugins=pm.failures, disabled_plugins=pm.disabled)
+            pm.component(kind, spec.name)
         except UnknownComponentError as exc:
             raise type(exc)(f"{where}.name: {exc}") from None
     try:
@@ -409,7 +408,7 @@ def validate_components(config: Config, plugin_manager: Any = None) -> None:
     except ConfigError as exc:
         raise type(exc)(exc if str(exc).startswith("regularizers.") else f"regularizers: {exc}") from None
     try:
-        pm.components.optimizers.get(config.optimizer.name).create(**config.optimizer.options)
+        pm.component("optimizers", config.optimizer.name).create(**config.optimizer.options)
     except (TypeError, ValueError) as exc:
         raise ConfigValueError(f"optimizer.options: {exc}") from None
 

@@ -14,6 +14,7 @@ __all__ = [
     "PluginHookError",
     "DuplicateComponentError",
     "UnknownComponentError",
+    "DisabledComponentError",
     "ConfigError",
     "PluginLoadWarning",
 ]
@@ -44,6 +45,10 @@ class UnknownComponentError(FlatL2OError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class DisabledComponentError(UnknownComponentError):
+    """A component whose plugin is installed but disabled (the message names the setting)."""
 
 
 class ConfigError(FlatL2OError, ValueError):

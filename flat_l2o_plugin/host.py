@@ -23,7 +23,7 @@ from typing import Any, Mapping, MutableMapping
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, DuplicateComponentError, FlatL2OError, PluginHookError, UnknownComponentError
+from .errors import ConfigError, DuplicateComponentError, FlatL2OError, PluginHookError
 from .hookspecs import hookimpl
 from .manager import FlatL2OPluginManager, get_plugin_manager
 from .protocols import LossFn, Params, Regularizer
@@ -221,13 +221,7 @@ class FlatL2O:
             raise ConfigError(f"{who}: {exc}") from exc
 
     def _regularizer_info(self, name: str):  # noqa: ANN202
-        registry = self.components.regularizers
-        if name not in registry:
-            for plugin, by in self.pm.disabled.items():
-                if name in _guess_components(plugin):
-                    raise UnknownComponentError(
-                        f"regularizer {name!r} belongs to plugin {plugin!r}, which was disabled by {by}")
-        return registry.get(name, failed_plugins=self.pm.failures, disabled_plugins=self.pm.disabled)
+        return self.pm.component("regularizers", name)
 
     def _activate(self, name: str, spec: Mapping[str, Any]) -> ActiveRegularizer:
         if not isinstance(spec, Mapping):
@@ -344,12 +338,3 @@ class FlatL2O:
                 callers[impl.plugin_name] = self.pm.subset_hook_caller(hook, remove_plugins=others)
             self._callers = {**(self._callers or {}), key: dict(sorted(callers.items()))}
         return self._callers[key]
-
-
-def _guess_components(plugin: str) -> set[str]:
-    """Component names a disabled plugin would have registered, if we can tell (ours only)."""
-    if plugin == "builtin":
-        from . import builtin
-
-        return set(builtin.COMPONENT_NAMES)
-    return set()

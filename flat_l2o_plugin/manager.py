@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pluggy
 
 from . import hookspecs
-from .errors import PluginLoadError, PluginLoadWarning, PluginValidationError
+from .errors import DisabledComponentError, PluginLoadError, PluginLoadWarning, PluginValidationError
 from .hookspecs import PROJECT_NAME
 from .registry import ComponentInfo, OptimizerInfo, Registry, RegularizerInfo, TaskInfo, WrapperInfo
 
@@ -281,6 +281,26 @@ class FlatL2OPluginManager(pluggy.PluginManager):
                 if isinstance(caller, pluggy.HookCaller) and caller.spec is not None]
 
     # ------------------------------------------------------------------ components
+
+    def component(self, kind: str, name: str) -> ComponentInfo:
+        """The info registered as ``name`` in the ``kind`` registry (``"regularizers"``, ...).
+
+        Raises:
+            DisabledComponentError: ``name`` belongs to a plugin that a setting disabled
+                (known for our own ``builtin`` plugin, whose names we can read without
+                loading it); the message names the setting.
+            UnknownComponentError: otherwise, listing what is available, the plugins that
+                failed to load and the plugins that were disabled.
+        """
+        registry = getattr(self.components, kind)
+        if name not in registry and BUILTIN_PLUGIN in self.disabled:
+            from .builtin import COMPONENT_NAMES
+
+            if name in COMPONENT_NAMES:
+                raise DisabledComponentError(
+                    f"{registry.kind} {name!r} belongs to plugin {BUILTIN_PLUGIN!r}, which was disabled by "
+                    f"{self.disabled[BUILTIN_PLUGIN]}; remove it from that setting to use it")
+        return registry.get(name, failed_plugins=self.failures, disabled_plugins=self.disabled)
 
     @property
     def components(self) -> Components:

@@ -116,9 +116,15 @@ def test_unknown_component_lists_available_and_failed_plugins(monkeypatch, fake_
 
 
 def test_component_of_a_disabled_plugin_names_the_variable(monkeypatch):
+    from flat_l2o_plugin.errors import DisabledComponentError
+
     monkeypatch.setenv("FLAT_L2O_DISABLE_PLUGINS", "builtin")
     config = load_config({"regularizers": {"hessian_top_eigenvalue": {"weight": 0.1}}})
-    with pytest.raises(UnknownComponentError, match="FLAT_L2O_DISABLE_PLUGINS"):
+    with pytest.raises(DisabledComponentError, match=r"optimizer.*'rnnprop'.*'builtin'.*FLAT_L2O_DISABLE_PLUGINS"):
+        validate_components(config)
+    monkeypatch.delenv("FLAT_L2O_DISABLE_PLUGINS")
+    config = load_config({"plugins": {"disable": ["builtin"]}}, environ={})
+    with pytest.raises(DisabledComponentError, match=r"config \[plugins\]\.disable"):
         validate_components(config)
 
 

@@ -204,10 +204,8 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
                 _check_resumed_spec(run_dir / CONFIG_FILE, spec)
         torch.manual_seed(config.seed)
         pm = config_from_dict({"plugins": spec["plugins"]}).plugin_manager()
-        model = pm.components.optimizers.get(spec["optimizer"]["name"], failed_plugins=pm.failures).create(
-            **spec["optimizer"]["options"])
-        optimizee = pm.components.tasks.get(spec["task"]["name"], failed_plugins=pm.failures).create(
-            **spec["task"]["options"])
+        model = pm.component("optimizers", spec["optimizer"]["name"]).create(**spec["optimizer"]["options"])
+        optimizee = pm.component("tasks", spec["task"]["name"]).create(**spec["task"]["options"])
         flat = FlatL2O(spec["regularizers"], plugin_manager=pm)
         learned = wrap(model, spec["wrappers"], plugin_manager=pm) if spec["wrappers"] else model
         for layer in unwrap(learned):
