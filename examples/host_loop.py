@@ -1,7 +1,16 @@
 """A hand-written L2O meta-training loop that gains a flatness term through the facade.
 
-The lines marked ``# flat-l2o`` are all it takes: build the facade from the activation
-config, and add ``flat.penalty(...)`` to the meta-loss at each unrolled step.
+The lines marked ``# flat-l2o`` are all it takes. Against the same loop without
+flatness-aware meta-training, the diff is::
+
+    +from flat_l2o_plugin import FlatL2O
+    +flat = FlatL2O({"hessian_top_eigenvalue": {"weight": 0.1, "start_fraction": 0.5}})
+             meta_loss = meta_loss + loss
+    +        meta_loss = meta_loss + flat.penalty(params, loss_fn, step=t, loss=loss, horizon=horizon)
+
+(``loss_fn`` is the closure the loop already has for the current batch, ``t`` the
+iterate's index in its trajectory.) Call ``flat.after_unroll(...)`` too if observer
+plugins should see each unroll.
 Run: ``python examples/host_loop.py``.
 """
 

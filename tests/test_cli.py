@@ -149,3 +149,10 @@ def test_meta_train_ctrl_c_checkpoints_and_resumes(tmp_path):
     assert out.returncode == 0, out.stderr
     steps = [json.loads(line)["meta_step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(done + 2))
+
+
+def test_evaluate_errors_exit_2(tmp_path):
+    missing = flat_l2o("evaluate", str(tmp_path / "missing.safetensors"))
+    assert missing.returncode == 2 and "missing.safetensors" in missing.stderr and "Traceback" not in missing.stderr
+    nothing = flat_l2o("evaluate")
+    assert nothing.returncode == 2 and "at least one" in nothing.stderr
