@@ -41,3 +41,14 @@ def test_readme_plugin_example_is_a_working_plugin():
     module = types.ModuleType("readme_plugin")
     exec(compile(source, "README.md[plugin]", "exec"), module.__dict__)
     check_regularizer("gradient_norm", plugin_manager=isolated_plugin_manager(module))
+
+
+def test_readme_run_config_is_valid(tmp_path):
+    from flat_l2o_plugin.config import load_config, validate_components
+
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "[trainer]" in b]
+    path = tmp_path / "run.toml"
+    path.write_text(block)
+    config = load_config(path, environ={})
+    validate_components(config)
+    assert config.regularizers["hessian_top_eigenvalue"]["weight"] == 0.1
