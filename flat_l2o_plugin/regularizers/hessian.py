@@ -89,7 +89,8 @@ class HessianTopEigenvalue:
             the carried Ritz vector).
         seed: Seed of the probe generator (default: drawn from torch's global RNG).
 
-    The call returns a 0-dim tensor differentiable in ``params``. ``last_value`` holds the
+    The call returns a 0-dim tensor differentiable in ``params`` (when none of them
+    requires grad, a plain measurement without a graph). ``last_value`` holds the
     estimate and ``last_hvps`` the HVPs spent by the latest call.
     """
 
@@ -125,6 +126,9 @@ class HessianTopEigenvalue:
         self._probe = None
 
     def __call__(self, params: Params, loss_fn: LossFn) -> Tensor:
+        # Params that require no grad make this a measurement: the final HVP then needs no
+        # graph, which halves its cost.
+        differentiable = any(p.requires_grad for p in params)
         params = as_graph_params(params)
         _, grads = gradient(loss_fn, params)
         probe = self._probe if self.warm_start else None
@@ -147,7 +151,7 @@ class HessianTopEigenvalue:
                 estimate, v, more = power_iteration(
                     grads, params, random_like(params, self._generator), self.iters, self.tol, shift=estimate)
                 used += more
-        hv = hvp(grads, params, v, create_graph=True)
+        hv = hvp(grads, params, v, create_graph=differentiable)
         value = dot(v, hv)
         if self.which == "magnitude":
             value = value.abs()
