@@ -99,6 +99,12 @@ def test_meta_train_then_evaluate(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["task"]["options"] == {"batch_size": 32}
     assert json.loads((run_dir / "provenance.json").read_text())["torch"]
 
+    plot = flat_l2o("plot", str(run_dir), "--out", str(tmp_path / "curves.png"))
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    empty = flat_l2o("plot", str(tmp_path / "no-such-run"))
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr
+
     evaluation = tmp_path / "eval.json"
     out = flat_l2o("evaluate", str(run_dir / "optimizer.safetensors"), "--adam", "0.01", "--seeds", "2",
                    "--steps", "5", "--no-flatness", "--out", str(evaluation))
