@@ -9,8 +9,9 @@ torch's CPU allocations, and the bundled tasks run on the CPU, so there is no CU
    batch 128) on MLPs 64-h-10 on digits from 1e3 to 1e6 parameters, without and with the
    Hessian regularizer (``hessian_top_eigenvalue``, weight 0.01, warm start: 2 HVPs per
    step), and the least-squares slope of log(time) and log(memory) against
-   log(parameters). An MLP is the only optimizee family we can size freely: the
-   registered tasks are ``flat_l2o_plugin.list_tasks()`` (no timm task yet).
+   log(parameters), fitted on the MLPs (the family we can size freely). Two timm models
+   (``test_vit``, ~3e5 parameters, and ``resnet10t``, ~5e6) on generated 32x32 images,
+   batch 32, are measured alongside through the ``timm`` task.
 2. Truncation: peak memory against trajectory length T at fixed K=10, running the whole
    trajectory (T/K meta-steps), next to untruncated backpropagation (K = T) for contrast.
    Truncation must keep the first flat.
@@ -50,7 +51,11 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer, init_distributed, shutdown_distributed
 
     context = init_distributed()
-    task = create_task("mlp_digits", hidden_sizes=(job["hidden"],), batch_size=128)
+    if "timm" in job:
+        task = create_task("timm", model=job["timm"], model_kwargs=job.get("model_kwargs", {}),
+                           dataset_options={"side": 32}, batch_size=32)
+    else:
+        task = create_task("mlp_digits", hidden_sizes=(job["hidden"],), batch_size=128)
     torch.manual_seed(0)
     regularizers = {"hessian_top_eigenvalue": {"weight": 0.01}} if job.get("hessian") else {}
     steps = job["warmup"] + job["steps"]
@@ -113,9 +118,19 @@ def size_sweep(quick: bool) -> dict[str, Any]:
             rows.append(row)
             print(f"   {row['params']:>9,}  {'hessian' if hessian else 'none':<8} {row['ms_per_step']:10.1f} ms"
                   f"  {row['peak_mb']:9.1f} MB", flush=True)
+    timm_models = [("test_vit", {"img_size": 32, "patch_size": 8})] if quick else [
+        ("test_vit", {"img_size": 32, "patch_size": 8}), ("resnet10t", {})]
+    for model, kwargs in timm_models:
+        for hessian in (False, True):
+            job = {"timm": model, "model_kwargs": kwargs, "hessian": hessian, "unroll": 2, "horizon": 1000,
+                   "warmup": 1, "steps": 1 if quick else 2}
+            row = run_job(job)
+            rows.append(row)
+            print(f"   {row['params']:>9,}  {'hessian' if hessian else 'none':<8} {row['ms_per_step']:10.1f} ms"
+                  f"  {row['peak_mb']:9.1f} MB   (timm {model})", flush=True)
     slopes = {}
     for hessian in (False, True):
-        subset = [r for r in rows if r["hessian"] == hessian]
+        subset = [r for r in rows if r["hessian"] == hessian and "timm" not in r]
         name = "hessian" if hessian else "none"
         slopes[name] = {"time": loglog_slope([r["params"] for r in subset], [r["ms_per_step"] for r in subset]),
                         "memory": loglog_slope([r["params"] for r in subset],

@@ -38,15 +38,15 @@ HELD_OUT_TASKS: dict[str, dict[str, Any]] = {
 class DemoConfig:
     """The demo's budget. ``quick()`` is a smoke-test budget whose numbers mean nothing."""
 
-    meta_steps: int = 150
+    meta_steps: int = 300
     unroll: int = 20
     horizon: int = 100
     meta_lr: float = 3e-3
-    meta_seeds: tuple[int, ...] = (0, 1, 2)
+    meta_seeds: tuple[int, ...] = (0, 1, 2, 3)
     alphas: tuple[float, ...] = (0.03, 0.1, 0.3)
     schedule: dict[str, Any] = field(default_factory=lambda: {"start_fraction": 0.5})
     val_tasks: int = 3
-    val_every: int = 50
+    val_every: int = 75
     eval_seeds: int = 5
     eval_steps: int = 200
     adam_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
