@@ -200,7 +200,7 @@ def against_libraries(repeats: int) -> dict[str, Any]:
                 rows[f"top eigenvalue to {target:.0e}: {name}"] = {"ms": float("nan"), "value": float("nan"),
                                                                    "exact": exact_top, "rel_error": float("nan")}
 
-    record("trace: ours (100 probes, batched)", lambda: float(HessianTrace(probes=100, seed=0)(params, loss_fn)),
+    record("trace: ours (100 probes, batched)", lambda: float(HessianTrace(probes=100, seed=0)(params, loss_fn).detach()),
            exact_trace)
     if "PyHessian" in methods:
         def pyhessian_trace() -> float:
