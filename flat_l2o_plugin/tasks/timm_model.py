@@ -18,6 +18,11 @@ Evaluation therefore uses batch statistics too, over fixed chunks of the split
 (``eval_batch_size`` examples, split evenly), so its metrics depend on that chunking,
 deterministically. Batches of one example are not supported by BatchNorm models.
 Other buffers (position indices, fixed masks) are constants and are left in place.
+
+Attention. timm's fused attention calls ``scaled_dot_product_attention``, whose CPU
+kernels have no double backward, and every curvature regularizer differentiates the
+gradient again. Attention layers are therefore switched to timm's explicit
+softmax(QKᵀ)V path (``fused_attn = False``), which computes the same function.
 """
 
 from __future__ import annotations
@@ -122,6 +127,9 @@ class TimmTask(ClassificationTask):
                 raise ConfigError(f"TimmTask: timm.create_model({self.model!r}) rejects model_kwargs "
                                   f"{self.model_kwargs}: {exc}") from exc
         module = use_batch_statistics(module).eval()
+        for layer in module.modules():
+            if hasattr(layer, "fused_attn"):
+                layer.fused_attn = False  # fused SDPA kernels cannot be differentiated twice
         module.requires_grad_(False)  # its own tensors are placeholders; functional_call swaps in ours
         return module
 

@@ -29,8 +29,13 @@ def test_functional_call_matches_the_module_exactly(model, kwargs):
     assert all(torch.equal(p, q) for p, q in zip(params, module.parameters()))
 
     logits = task.forward(params, x)
+    fused = module(x)
+    for layer in module.modules():  # the task uses explicit attention (twice differentiable)
+        if hasattr(layer, "fused_attn"):
+            layer.fused_attn = False
     reference = module(x)
     assert torch.equal(logits, reference)
+    assert torch.allclose(logits, fused, atol=1e-5)
     loss = task.loss(params, (x, y))
     torch.nn.functional.cross_entropy(reference, y).backward()
     grads = torch.autograd.grad(loss, params)
@@ -88,3 +93,16 @@ def test_timm_errors_say_what_to_change():
         TimmTask("vit_tiny_patch16_224", {"depth": 1})
     with pytest.raises(ConfigError, match="rejects model_kwargs"):
         TimmTask("resnet10t", {"no_such_option": 1})
+
+
+def test_curvature_regularizers_differentiate_through_a_vit():
+    # Fused attention kernels have no double backward; the task must not use them.
+    from flat_l2o_plugin import create_regularizer, create_task
+
+    task = create_task("timm", model="test_vit", model_kwargs={"img_size": 16, "patch_size": 4},
+                       dataset_options={"side": 16}, batch_size=8)
+    params = [p.requires_grad_(True) for p in task.init_params(0)]
+    batch = task.sample_batch(torch.Generator().manual_seed(0))
+    value = create_regularizer("hessian_top_eigenvalue", iters=3, seed=0)(params, lambda p: task.loss(p, batch))
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    assert torch.isfinite(value) and any(g is not None and g.abs().sum() > 0 for g in grads)
