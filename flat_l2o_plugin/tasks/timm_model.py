@@ -19,6 +19,12 @@ Evaluation therefore uses batch statistics too, over fixed chunks of the split
 deterministically. Batches of one example are not supported by BatchNorm models.
 Other buffers (position indices, fixed masks) are constants and are left in place.
 
+Third-order derivatives. The meta-gradient of a Hessian-based term (the top eigenvalue,
+the trace) differentiates an HVP once more, and torch's ``batch_norm`` has no
+third-order derivative: with BatchNorm models (ResNets) use first-order flatness terms
+(``sharpness``, ``local_entropy``) or models normalized otherwise (ViTs, LayerNorm or
+GroupNorm nets). The failure is torch's own ``RuntimeError`` at the meta-backward.
+
 Attention. timm's fused attention calls ``scaled_dot_product_attention``, whose CPU
 kernels have no double backward, and every curvature regularizer differentiates the
 gradient again. Attention layers are therefore switched to timm's explicit
