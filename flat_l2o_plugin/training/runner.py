@@ -42,12 +42,12 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError
 from ..protocols import Task
 from .checkpoint import TrainingCheckpointError, checkpoint_dir
@@ -119,20 +119,7 @@ class _TrainSeeds:
 
 
 def _write_json_atomically(path: Path, value: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"), ConfigError)
 
 
 def _check_resumed_spec(path: Path, spec: dict[str, Any]) -> None:
