@@ -46,7 +46,7 @@ def test_layout_is_safetensors_and_json_with_a_manifest(run):
     assert tensors["rng/torch"].dtype == torch.uint8
     assert {"slot/0/generator", "slot/1/generator", "slot/0/trajectory/batches"} <= set(tensors)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl",
-                                                     "optimizer.safetensors"]
+                                                     "optimizer.safetensors", "provenance.json"]
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "trainer.safetensors", "trainer.json"])
