@@ -15,6 +15,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from flat_l2o_plugin.testing.optimizers import random_quadratics
+
 Factory = Callable[[], nn.Module]
 
 
@@ -47,26 +49,6 @@ def run(
     for _ in range(steps):
         params, state = opt.step(params, separable_grads(params, targets), state)
     return params, state
-
-
-def random_quadratics(
-    dim: int, count: int, seed: int
-) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """``count`` problems f(θ) = ½θᵀAθ - bᵀθ with eigenvalues of A in [0.5, 2].
-
-    Returns tuples ``(A, b, θ_0, f*)``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    problems = []
-    for _ in range(count):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))
-        eigenvalues = torch.empty(dim).uniform_(0.5, 2.0, generator=gen)
-        a = q @ torch.diag(eigenvalues) @ q.T
-        b = torch.randn(dim, generator=gen)
-        theta0 = torch.randn(dim, generator=gen)
-        f_star = -0.5 * b @ torch.linalg.solve(a, b)
-        problems.append((a, b, theta0, f_star))
-    return problems
 
 
 class OptimizerChecks:
