@@ -13,7 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -57,6 +57,18 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch):
     yield
     for module in FIXTURE_PLUGIN_MODULES:
         sys.modules.pop(module, None)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Optimizees and batches here are tiny: on a two-core machine intra-op threads only
+    # contend with each other and with the subprocesses some tests start.
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..manager import FlatL2OPluginManager, get_plugin_manager
 from ..registry import OptimizerInfo
 
-__all__ = ["check_learned_optimizer", "random_quadratics"]
+__all__ = ["check_learned_optimizer", "quadratic_meta_losses", "random_quadratics"]
 
 _Factory = Callable[[], nn.Module]
 
@@ -63,6 +63,36 @@ def random_quadratics(dim: int, count: int, seed: int) -> list[tuple[Tensor, Ten
         f_star = -0.5 * b @ torch.linalg.solve(a, b)
         problems.append((a, b, theta0, f_star))
     return problems
+
+
+def quadratic_meta_losses(opt: nn.Module, *, iterations: int = 32, unroll: int = 15, lr: float = 1e-2,
+                          seed: int = 0) -> list[float]:
+    """Meta-train ``opt`` with Adam on random 20-d quadratics; return each iteration's meta-loss.
+
+    The meta-loss is the mean of f(θ_t) − f* over the unroll. Problems cycle through a
+    pool of four, so the first and last four iterations see the same problems. Stops
+    after the first non-finite meta-loss (which is the last value returned).
+    """
+    problems = random_quadratics(dim=20, count=4, seed=seed)
+    meta_opt = torch.optim.Adam(opt.parameters(), lr=lr)
+    losses: list[float] = []
+    for iteration in range(iterations):
+        a, b, theta0, f_star = problems[iteration % len(problems)]
+        params, state = [theta0.clone()], opt.init_state([theta0])
+        meta_loss = torch.zeros(())
+        for _ in range(unroll):
+            grad = a @ params[0].detach() - b
+            params, state = opt.step(params, [grad], state)
+            theta = params[0]
+            meta_loss = meta_loss + 0.5 * theta @ a @ theta - b @ theta - f_star
+        meta_loss = meta_loss / unroll
+        losses.append(float(meta_loss.detach()))
+        if not math.isfinite(losses[-1]):
+            break
+        meta_opt.zero_grad()
+        meta_loss.backward()
+        meta_opt.step()
+    return losses
 
 
 def check_learned_optimizer(
@@ -406,27 +436,10 @@ def _coordinatewise(make: _Factory, where: str) -> None:
 
 def _meta_gradient_lowers_loss(make: _Factory, where: str) -> None:
     prop = "meta-gradient"
-    opt = _fresh(make)
-    problems = random_quadratics(dim=20, count=4, seed=0)
-    meta_opt = torch.optim.Adam(opt.parameters(), lr=1e-2)
-    unroll, iterations = 15, 32
-    losses = []
-    for iteration in range(iterations):
-        a, b, theta0, f_star = problems[iteration % len(problems)]
-        params, state = [theta0.clone()], opt.init_state([theta0])
-        meta_loss = torch.zeros(())
-        for _ in range(unroll):
-            grad = a @ params[0].detach() - b
-            params, state = opt.step(params, [grad], state)
-            theta = params[0]
-            meta_loss = meta_loss + 0.5 * theta @ a @ theta - b @ theta - f_star
-        meta_loss = meta_loss / unroll
-        value = float(meta_loss.detach())
-        _require(math.isfinite(value), where, prop, f"the meta-loss became {value} at meta-step {iteration}")
-        meta_opt.zero_grad()
-        meta_loss.backward()
-        meta_opt.step()
-        losses.append(value)
+    iterations = 32
+    losses = quadratic_meta_losses(_fresh(make), iterations=iterations, unroll=15, lr=1e-2, seed=0)
+    _require(math.isfinite(losses[-1]), where, prop,
+             f"the meta-loss became {losses[-1]} at meta-step {len(losses) - 1}")
     # The problems cycle through a pool of four, so the first and last four meta-steps
     # see the same problems and the comparison is free of problem-to-problem noise.
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
-from typing import Iterator
 
 import pytest
 import torch
 from timm.optim._optim_factory import default_registry
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -37,11 +17,11 @@ def isolated_timm_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def face_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def face_run(tmp_path_factory: pytest.TempPathFactory, load_example) -> dict[str, object]:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _load("torch_optimizer_face").main(meta_steps=30, train_steps=40,
+        return load_example("torch_optimizer_face").main(meta_steps=30, train_steps=40,
                                                   out_dir=tmp_path_factory.mktemp("face"))
     finally:
         torch.set_num_threads(previous)
@@ -56,16 +36,17 @@ def test_torch_optimizer_face_example_meta_trains_saves_and_trains(face_run: dic
     assert set(checkpoint) == {"model", "optimizer"} and checkpoint["optimizer"]["state"]
 
 
-def test_torch_optimizer_face_example_reuses_saved_weights(face_run: dict[str, object], tmp_path: Path) -> None:
-    again = _load("torch_optimizer_face").main(weights=face_run["weights"], train_steps=5, out_dir=tmp_path)
+def test_torch_optimizer_face_example_reuses_saved_weights(face_run: dict[str, object], tmp_path: Path,
+                                                           load_example) -> None:
+    again = load_example("torch_optimizer_face").main(weights=face_run["weights"], train_steps=5, out_dir=tmp_path)
     assert again["losses"] == face_run["losses"][:5]  # same weights, same seed: same run
     assert not (tmp_path / "rnnprop.safetensors").exists()
 
 
-def test_timm_training_example_trains_through_create_optimizer_v2(
-    face_run: dict[str, object], isolated_timm_registry: None
-) -> None:
-    history = _load("timm_training").main(face_run["weights"], epochs=3, updates_per_epoch=10)
+def test_timm_training_example_trains_through_create_optimizer_v2(face_run: dict[str, object],
+                                                                  isolated_timm_registry: None,
+                                                                  load_example) -> None:
+    history = load_example("timm_training").main(face_run["weights"], epochs=3, updates_per_epoch=10)
     assert len(history["train_loss"]) == 3 and all(math.isfinite(x) for x in history["train_loss"])
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert history["val_accuracy"][-1] > 0.3  # ten classes: chance is 0.1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import timm
@@ -20,14 +19,6 @@ from flat_l2o_plugin.integrations.timm import TimmRegistrationError, register_wi
 from flat_l2o_plugin.integrations.torch_optim import LearnedOptimizerTorch, UntrainedOptimizerWarning
 from flat_l2o_plugin.optimizers.weights import WeightsError, save_learned_optimizer
 from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import copy
 import gc
 import io
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -24,15 +23,6 @@ from flat_l2o_plugin.optimizers.weights import save_learned_optimizer
 from flat_l2o_plugin.tasks import load_dataset
 from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer, train_with_learned_optimizer
 from flat_l2o_plugin.training.evaluate import batch_generator
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny batches: on a shared two-core machine intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

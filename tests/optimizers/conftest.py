@@ -7,7 +7,7 @@ call them and add their own checks of the maths.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -15,19 +15,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from flat_l2o_plugin.testing.optimizers import random_quadratics
+from flat_l2o_plugin.testing.optimizers import quadratic_meta_losses
 
 Factory = Callable[[], nn.Module]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The batches here are tiny; on a busy two-core machine intra-op threads only add
-    # contention, which made timings swing by two orders of magnitude.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def separable_grads(params: Sequence[Tensor], targets: Sequence[Tensor]) -> list[Tensor]:
@@ -256,26 +248,7 @@ class OptimizerChecks:
         a pool of four, so the first and last four iterations see the same problems.
         """
         torch.manual_seed(seed)
-        opt = make()
-        problems = random_quadratics(dim=20, count=4, seed=seed)
-        meta_opt = torch.optim.Adam(opt.parameters(), lr=lr)
-        losses = []
-        for iteration in range(iterations):
-            a, b, theta0, f_star = problems[iteration % len(problems)]
-            params = [theta0.clone()]
-            state = opt.init_state(params)
-            meta_loss = torch.zeros(())
-            for _ in range(unroll):
-                grad = a @ params[0].detach() - b
-                params, state = opt.step(params, [grad], state)
-                theta = params[0]
-                meta_loss = meta_loss + 0.5 * theta @ a @ theta - b @ theta - f_star
-            meta_loss = meta_loss / unroll
-            meta_opt.zero_grad()
-            meta_loss.backward()
-            meta_opt.step()
-            losses.append(meta_loss.item())
-        return losses
+        return quadratic_meta_losses(make(), iterations=iterations, unroll=unroll, lr=lr, seed=seed)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ that the conformance check names the property that broke.
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ import torch
 from flat_l2o_plugin import OptimizerInfo, hookimpl, list_optimizers
 from flat_l2o_plugin.optimizers import RNNProp
 from flat_l2o_plugin.testing import check_learned_optimizer, isolated_plugin_manager
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny batches: extra intra-op threads only contend with the other tests' processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("name", list_optimizers())
