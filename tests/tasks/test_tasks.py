@@ -129,8 +129,10 @@ def test_mlp_and_conv_run_on_any_dataset_of_the_right_kind():
     conv = create_task("conv", dataset_options={"side": 12, "channels": 3}, channels=(2, 3))
     assert [tuple(p.shape) for p in conv.init_params(0)][0] == (2, 3, 3, 3)
     assert conv.forward(conv.init_params(0), conv.full_batch("val")[0][:4]).shape == (4, 10)
-    with pytest.raises(ConfigError, match="does not hold images"):
-        create_task("conv", dataset="mnist1d")
+    assert create_task("conv", dataset="mnist1d", dataset_options={"train_samples": 200}).name \
+        == "conv1d_mnist1d[8-16,relu]"
+    with pytest.raises(ConfigError, match="neither images nor 1-D sequences"):
+        create_task("conv", dataset="synthetic_linear", dataset_options={"features": 1})
     with pytest.raises(ConfigError, match="unknown dataset 'mnist2d'"):
         create_task("mlp", dataset="mnist2d")
     with pytest.raises(ConfigError, match="has no option.*'side'"):
