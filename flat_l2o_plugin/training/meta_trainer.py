@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..host import FlatL2O
 from ..protocols import Task
+from ..wrappers.stack import host_step
 from .checkpoint import (CHECKPOINT_DIR, Checkpoint, TrainingCheckpointError, checkpoint_dir, decode_floats,
                          encode_floats, load_checkpoint, save_checkpoint)
 from .curriculum import Curriculum
@@ -332,7 +333,7 @@ class MetaTrainer:
             if extra is not None:
                 objective = loss + extra
             grads = [g.detach() for g in torch.autograd.grad(objective, params, retain_graph=True)]
-            params, state = self.optimizer.step(params, grads, state)
+            params, state = host_step(self.optimizer, params, grads, state, loss_fn=loss_fn)
             traj.step += 1
             loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
             loss = loss_fn(params)
@@ -364,7 +365,7 @@ class MetaTrainer:
             leaves = [p.detach().requires_grad_(True) for p in params]
             loss = loss_fn(leaves)
             grads = [g.detach() for g in torch.autograd.grad(loss, leaves)]
-            learned, state = self.optimizer.step(params, grads, state)
+            learned, state = host_step(self.optimizer, params, grads, state, loss_fn=loss_fn)
             target = traj.teacher.update(params, grads, loss_fn)
             sq_err = sum(((new - old - d) ** 2).sum() for new, old, d in zip(learned, params, target))
             error = sq_err / sum(p.numel() for p in params) / cfg.imitation_lr**2

@@ -4,6 +4,8 @@
   regularizers to any learned optimizer's meta-training.
 * :class:`ForeignAdapter` (registered as ``foreign``) turns a user's
   ``forward(grad, hidden) -> (update, hidden)`` module into a learned optimizer.
+* :class:`SAMGradient` (registered as ``sam_gradient``) feeds any learned optimizer
+  the gradient at the SAM-perturbed point, in meta-training and at test time.
 * :func:`wrap` nests registered wrappers from configuration, first entry innermost.
 
 Every wrapper is transparent as a module: ``state_dict()`` keys are the wrapped model's.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from .flatness import FlatnessAware
 from .foreign import ForeignAdapter
-from .stack import LearnedOptimizerWrapper, TransparentWrapper, unwrap, wrap
+from .sam_gradient import SAMGradient
+from .stack import LearnedOptimizerWrapper, TransparentWrapper, gradient_oracle, host_step, unwrap, wrap
 
-__all__ = ["FlatnessAware", "ForeignAdapter", "LearnedOptimizerWrapper", "TransparentWrapper", "unwrap", "wrap"]
+__all__ = ["FlatnessAware", "ForeignAdapter", "LearnedOptimizerWrapper", "SAMGradient", "TransparentWrapper",
+           "gradient_oracle", "host_step", "unwrap", "wrap"]

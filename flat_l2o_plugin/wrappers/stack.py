@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FlatL2OError, UnknownComponentError
 from ..manager import FlatL2OPluginManager, get_plugin_manager
-from ..protocols import Params
+from ..protocols import LossFn, Params
 
-__all__ = ["TransparentWrapper", "LearnedOptimizerWrapper", "wrap", "unwrap"]
+__all__ = ["TransparentWrapper", "LearnedOptimizerWrapper", "wrap", "unwrap", "host_step", "gradient_oracle",
+           "GradFn"]
+
+GradFn = Callable[[Params], list[Tensor]]
+"""``grad_fn(params)``: the current mini-batch's gradient at any point, detached."""
 
 # The parts of an nn.Module that make up its weights. Sharing these dicts (rather than
 # registering the wrapped module as a child) is what keeps state_dict keys unprefixed.
@@ -190,6 +195,38 @@ class LearnedOptimizerWrapper(TransparentWrapper):
         if isinstance(self.inner, LearnedOptimizerWrapper):
             return self.inner.step(params, grads, state, **host_info)
         return self.inner.step(params, grads, state)
+
+
+def gradient_oracle(loss_fn: LossFn) -> GradFn:
+    """``grad_fn`` for a mini-batch loss: the detached gradient of ``loss_fn`` at any point."""
+
+    def grad_fn(params: Params) -> list[Tensor]:
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            return [g.detach() for g in torch.autograd.grad(loss_fn(leaves), leaves)]
+
+    return grad_fn
+
+
+def host_step(optimizer: Any, params: Params, grads: Params, state: Mapping[str, Tensor], *,
+              loss_fn: LossFn | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """How a host calls a learned optimizer that may be a wrapper stack.
+
+    A bare learned optimizer gets the protocol's three arguments. A wrapper also gets
+    ``grad_fn``, the gradient oracle of the current mini-batch (for wrappers that look
+    at other points, such as ``sam_gradient``). ``loss_fn`` itself is not passed: it
+    switches the flatness-aware wrapper to its explicit protocol, which a host that
+    collects terms through ``flatness_terms`` must not do.
+
+    Args:
+        optimizer: The learned optimizer or wrapper stack.
+        params, grads, state: As for ``step``.
+        loss_fn: The current mini-batch loss, ``loss_fn(params)``; ``None`` gives wrappers
+            no oracle.
+    """
+    if isinstance(optimizer, LearnedOptimizerWrapper) and loss_fn is not None:
+        return optimizer.step(params, grads, state, grad_fn=gradient_oracle(loss_fn))
+    return optimizer.step(params, grads, state)
 
 
 def unwrap(optimizer: nn.Module) -> list[nn.Module]:
