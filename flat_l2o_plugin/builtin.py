@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 from .hookspecs import hookimpl
-from .optimizers import L2ODM, L2OScale, RNNProp
+from .optimizers import L2ODM, L2OScale, LearnedCorrection, RNNProp
 from .registry import OptimizerInfo, RegularizerInfo, TaskInfo, WrapperInfo
 from .regularizers import HessianTopEigenvalue, HessianTrace, LocalEntropy, Sharpness
 from .tasks import ConvTask, LogisticRegressionTask, MLPTask, QuadraticTask, RosenbrockTask, TimmTask
-from .wrappers import FlatnessAware, ForeignAdapter
+from .wrappers import FlatnessAware, ForeignAdapter, SAMGradient
 
 REGULARIZERS = (
     RegularizerInfo(
@@ -43,6 +43,8 @@ OPTIMIZERS = (
     # coordinate's own history, and L2O-Scale's tensor and global RNNs share information.
     OptimizerInfo(name="l2o_scale", factory=L2OScale, coordinatewise=False,
                   description="L2O-Scale (Wichrowska et al. 2017): hierarchical parameter/tensor/global GRUs."),
+    OptimizerInfo(name="learned_correction", factory=LearnedCorrection,
+                  description="Adam or SGD-momentum plus a bounded learned correction; exactly the base at init."),
 )
 
 TASKS = (
@@ -57,7 +59,7 @@ TASKS = (
              description="MLP of any depth/width/activation on any dataset (default MNIST-1D 40-32-32-10, ReLU)."),
     TaskInfo(name="conv", factory=ConvTask,
              defaults={"dataset": "synthetic_images", "channels": (8, 16), "activation": "relu", "batch_size": 128},
-             description="Two-layer conv net on any image dataset (default generated 3x16x16 images)."),
+             description="Two-layer conv net on images, or 1-D conv on sequences such as mnist1d (default 3x16x16 images)."),
     TaskInfo(name="timm", factory=TimmTask,
              defaults={"model": "resnet10t", "model_kwargs": {}, "dataset": "synthetic_images", "batch_size": 32},
              description="Any timm model by name and kwargs, functional, batch-statistics BN (default resnet10t)."),
@@ -77,6 +79,8 @@ WRAPPERS = (
                 description="Adds the activated flatness regularizers to any learned optimizer's meta-training."),
     WrapperInfo(name="foreign", factory=ForeignAdapter,
                 description="Adapts a user's forward(grad, hidden) -> (update, hidden) module to the protocol."),
+    WrapperInfo(name="sam_gradient", factory=SAMGradient,
+                description="Feeds the wrapped optimizer the gradient at the SAM point θ + ρ·ĝ (train and test)."),
 )
 
 COMPONENT_NAMES = frozenset(info.name for info in (*REGULARIZERS, *OPTIMIZERS, *WRAPPERS, *TASKS))
