@@ -10,14 +10,19 @@ evaluation < 100 <= validation < 1000 <= meta-training.
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing as mp
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["EVAL_SEEDS_START", "VAL_SEEDS_START", "TRAIN_SEEDS_START", "meta_train", "evaluate", "run_jobs"]
+from ..errors import ConfigError
+
+__all__ = ["EVAL_SEEDS_START", "VAL_SEEDS_START", "TRAIN_SEEDS_START", "meta_train", "evaluate", "run_jobs",
+           "baseline_class", "smoothed_loss"]
 
 EVAL_SEEDS_START, VAL_SEEDS_START, TRAIN_SEEDS_START = 0, 100, 1000
 
@@ -31,22 +36,34 @@ def _task(spec: TaskSpec):  # noqa: ANN202
     return create_task(name, **dict(options))
 
 
+def _learned_optimizer(name: str, options: Mapping[str, Any] | None,
+                       wrappers: Sequence[Mapping[str, Any]] | None):  # noqa: ANN202
+    from .. import create_optimizer
+    from ..wrappers import wrap
+
+    return wrap(create_optimizer(name, **dict(options or {})), list(wrappers or []))
+
+
 def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, Any] | None = None,
+               wrappers: Sequence[Mapping[str, Any]] | None = None,
                task: TaskSpec = ("mlp_digits", {}), regularizers: Mapping[str, Any] | None = None,
                trainer: Mapping[str, Any] | None = None, seed: int = 0, val_tasks: int = 3,
                threads: int | None = 1) -> dict[str, Any]:
     """Meta-train a registered learned optimizer; returns its best weights and the logs.
 
-    Meta-training init seeds are drawn from ``[TRAIN_SEEDS_START, ...)``; validation uses
-    ``val_tasks`` optimizees with seeds from ``VAL_SEEDS_START`` and their ``val`` split.
+    ``wrappers`` (``[{"name": ..., **options}]``, innermost first) are stacked around the
+    optimizer with :func:`~flat_l2o_plugin.wrappers.wrap`, in meta-training as at test
+    time. Meta-training init seeds are drawn from ``[TRAIN_SEEDS_START, ...)``;
+    validation uses ``val_tasks`` optimizees with seeds from ``VAL_SEEDS_START`` and
+    their ``val`` split.
     """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    from .. import FlatL2O, create_optimizer
+    from .. import FlatL2O
     from .meta_trainer import MetaTrainConfig, MetaTrainer
 
-    model = create_optimizer(optimizer, **dict(optimizer_options or {}))
+    model = _learned_optimizer(optimizer, optimizer_options, wrappers)
     optimizee = _task(task)
 
     def sample(generator: torch.Generator):  # noqa: ANN202
@@ -56,7 +73,8 @@ def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, An
     runner = MetaTrainer(model, sample, flat=FlatL2O(dict(regularizers or {})), config=config,
                          val_tasks=[(optimizee, VAL_SEEDS_START + i) for i in range(val_tasks)])
     result = runner.train()
-    return {"optimizer": optimizer, "optimizer_options": dict(optimizer_options or {}), "seed": seed,
+    return {"optimizer": optimizer, "optimizer_options": dict(optimizer_options or {}),
+            "wrappers": [dict(w) for w in wrappers or []], "seed": seed,
             "regularizers": dict(regularizers or {}),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "best_val_accuracy": result.best_score, "best_step": result.best_step, "skipped": result.skipped,
@@ -64,50 +82,104 @@ def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, An
             "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, bool))} for h in result.history]}
 
 
+_TORCH_BASELINES = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def baseline_class(name: str) -> type[torch.optim.Optimizer]:
+    """``"adam"``, ``"sgd"``, or ``"module:Class"`` for any importable ``torch.optim.Optimizer``."""
+    if name in _TORCH_BASELINES:
+        return _TORCH_BASELINES[name]
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise ConfigError(f"baseline name {name!r}: expected 'adam', 'sgd' or 'module:Class'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"baseline name {name!r}: cannot import it ({exc})") from exc
+
+
+def smoothed_loss(loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], params: Sequence[torch.Tensor], *,
+                  gamma: float, samples: int = 64, seed: int = 0) -> float:
+    """−log E_ε exp(−f(θ+ε)), ε ~ N(0, I/γ): the local entropy −F(θ;γ) without its constant.
+
+    F(θ;γ) = (d/2)·log(2π/γ) + log E_ε exp(−f(θ+ε)); the constant depends only on the
+    parameter count, so this is comparable with f(θ) itself: the excess over f(θ) is 0
+    on a perfectly flat neighbourhood and grows with sharpness at scale 1/√γ.
+    """
+    from ..regularizers import LocalEntropy
+
+    d = sum(p.numel() for p in params)
+    estimator = LocalEntropy(gamma=gamma, samples=samples, estimator="smoothing", seed=seed)
+    with torch.no_grad():
+        negative_f = float(estimator([p.detach() for p in params], loss_fn))
+    return negative_f + 0.5 * d * math.log(2 * math.pi / gamma)
+
+
 def evaluate(*, learned: Mapping[str, Any] | None = None, baseline: Mapping[str, Any] | None = None,
              task: TaskSpec = ("mlp_digits", {}), seed: int = 0, steps: int = 200, split: str = "test",
-             curve_points: int = 20, flatness: bool = True, threads: int | None = 1) -> dict[str, Any]:
+             curve_points: int = 20, flatness: bool = True, entropy_gamma: float = 1000.0,
+             curve_flatness: bool = False, threads: int | None = 1) -> dict[str, Any]:
     """Train a fresh optimizee ``task`` (init ``seed``) and measure it on ``split`` at the end.
 
     Args:
-        learned: ``{"name", "options", "state_dict"}`` of a meta-trained optimizer.
-        baseline: ``{"name": "adam" | "sgd", "lr": ..., **kwargs}`` for a torch.optim baseline.
-        flatness: Also measure the top Hessian eigenvalue of the full training loss at the
-            final point (50 cold power iterations).
+        learned: ``{"name", "options", "wrappers", "state_dict"}`` of a meta-trained
+            optimizer (``options`` and ``wrappers`` optional).
+        baseline: ``{"name": "adam" | "sgd" | "module:Class", "lr": ..., **kwargs}`` for a
+            ``torch.optim`` optimizer (see :func:`baseline_class`).
+        flatness: Also measure, at the final point on the whole training set, the top
+            Hessian eigenvalue (cold power iteration, up to 50 steps) and the smoothed loss
+            at scope ``entropy_gamma`` (:func:`smoothed_loss`).
+        curve_flatness: Also measure the top eigenvalue at every curve point.
     """
     if (learned is None) == (baseline is None):
         raise ValueError("evaluate needs exactly one of learned= or baseline=")
     if threads:
         torch.set_num_threads(threads)
-    from .. import create_optimizer
     from ..regularizers import HessianTopEigenvalue
     from .evaluate import train_with_learned_optimizer, train_with_torch_optimizer
 
     optimizee = _task(task)
     every = max(1, steps // curve_points)
+    x, y = optimizee.full_batch("train")
+
+    def full_loss(p: Sequence[torch.Tensor]) -> torch.Tensor:
+        return optimizee.loss(p, (x, y))
+
+    def top_eigenvalue(params: list[torch.Tensor]) -> float:
+        if not all(torch.isfinite(p).all() for p in params):
+            return math.nan
+        estimator = HessianTopEigenvalue(iters=50, warm_start=False, tol=1e-4, seed=0)
+        estimator([p.detach() for p in params], full_loss)
+        return estimator.last_value
+
+    probe = (lambda params: {"top_eigenvalue": top_eigenvalue(params)}) if curve_flatness else None
+    start = time.perf_counter()
     if learned is not None:
-        model = create_optimizer(learned["name"], **dict(learned.get("options") or {}))
+        model = _learned_optimizer(learned["name"], learned.get("options"), learned.get("wrappers"))
         model.load_state_dict(learned["state_dict"])
-        run = train_with_learned_optimizer(model, optimizee, seed, steps, eval_every=every, eval_splits=(split,))
+        run = train_with_learned_optimizer(model, optimizee, seed, steps, eval_every=every, eval_splits=(split,),
+                                           probe=probe)
     else:
         kwargs = {k: v for k, v in baseline.items() if k != "name"}
-        opt_class = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[baseline["name"]]
+        opt_class = baseline_class(baseline["name"])
         run = train_with_torch_optimizer(lambda p: opt_class(p, **kwargs), optimizee, seed, steps,
-                                         eval_every=every, eval_splits=(split,))
+                                         eval_every=every, eval_splits=(split,), probe=probe)
+    seconds = time.perf_counter() - start
     final = optimizee.evaluate(run.params, split)
     train = optimizee.evaluate(run.params, "train")
-    eigenvalue = math.nan
-    if flatness and run.diverged_at is None:
-        x, y = optimizee.full_batch("train")
-        estimator = HessianTopEigenvalue(iters=50, warm_start=False, tol=1e-4, seed=0)
-        estimator([p.detach() for p in run.params], lambda p: optimizee.loss(p, (x, y)))
-        eigenvalue = estimator.last_value
+    eigenvalue = entropy = math.nan
+    if flatness and run.diverged_at is None and math.isfinite(train["loss"]):
+        eigenvalue = top_eigenvalue(run.params)
+        entropy = smoothed_loss(full_loss, run.params, gamma=entropy_gamma, seed=seed)
+    curve = {"step": run.steps, "train_loss": run.train_loss,
+             f"{split}_accuracy": [m[f"{split}_accuracy"] for m in run.eval_metrics]}
+    if curve_flatness:
+        curve["top_eigenvalue"] = [m["top_eigenvalue"] for m in run.eval_metrics]
     return {"task": task[0], "task_options": dict(task[1]), "seed": seed, "steps": steps,
             f"{split}_accuracy": final["accuracy"], f"{split}_loss": final["loss"],
             "train_loss": train["loss"], "train_accuracy": train["accuracy"], "top_eigenvalue": eigenvalue,
-            "diverged_at": run.diverged_at,
-            "curve": {"step": run.steps, "train_loss": run.train_loss,
-                      f"{split}_accuracy": [m[f"{split}_accuracy"] for m in run.eval_metrics]}}
+            "smoothed_loss": entropy, "entropy_gamma": entropy_gamma, "seconds": seconds,
+            "diverged_at": run.diverged_at, "curve": curve}
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[Mapping[str, Any]], *, workers: int = 2,

@@ -1,0 +1,72 @@
+"""The experiment building blocks the benchmarks share: baselines by name, the flatness measures, wrapped runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flat_l2o_plugin.errors import ConfigError
+from flat_l2o_plugin.training.experiment import baseline_class, evaluate, meta_train, smoothed_loss
+
+
+def test_smoothed_loss_is_the_local_entropy_without_its_constant_on_a_quadratic():
+    # f = ½ θᵀAθ: E exp(−f(θ+ε)), ε ~ N(0, I/γ), has a closed form, so −log of it is exact:
+    # ½ θᵀ(A⁻¹ + I/γ)⁻¹θ + ½ log det(I + A/γ).
+    a = torch.diag(torch.tensor([2.0, 0.5, 8.0], dtype=torch.float64))
+    theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    gamma = 20.0
+    exact = 0.5 * theta @ torch.linalg.inv(torch.linalg.inv(a) + torch.eye(3, dtype=torch.float64) / gamma) @ theta \
+        + 0.5 * torch.logdet(torch.eye(3, dtype=torch.float64) + a / gamma)
+    value = smoothed_loss(lambda p: 0.5 * p[0] @ a @ p[0], [theta], gamma=gamma, samples=200_000, seed=0)
+    assert value == pytest.approx(float(exact), rel=2e-2)
+    # Flatter (smaller A) means a smaller excess over f(θ).
+    flat = smoothed_loss(lambda p: 0.5 * p[0] @ (a / 10) @ p[0], [theta], gamma=gamma, samples=20_000, seed=0)
+    assert flat - float(0.5 * theta @ (a / 10) @ theta) < value - float(0.5 * theta @ a @ theta)
+
+
+def test_baselines_by_name_or_import_path():
+    assert baseline_class("adam") is torch.optim.Adam
+    assert baseline_class("torch.optim:RMSprop") is torch.optim.RMSprop
+    with pytest.raises(ConfigError, match="'nonsense'"):
+        baseline_class("nonsense")
+    with pytest.raises(ConfigError, match="cannot import"):
+        baseline_class("torch.optim:NoSuchOptimizer")
+
+
+class CountingClosureSGD(torch.optim.SGD):
+    """SGD that asks for a closure, re-evaluates it once and checks it sees the same batch's loss."""
+
+    uses_closure = True
+    closure_losses: list[float] = []
+
+    def step(self, closure=None):
+        assert closure is not None
+        grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+        loss = closure()
+        regrads = [p.grad for group in self.param_groups for p in group["params"]]
+        assert all(torch.allclose(g, r) for g, r in zip(grads, regrads)), "closure used another batch"
+        type(self).closure_losses.append(float(loss))
+        return super().step()
+
+
+def test_evaluate_passes_a_same_batch_closure_to_optimizers_that_use_one():
+    CountingClosureSGD.closure_losses = []
+    result = evaluate(baseline={"name": f"{__name__}:CountingClosureSGD", "lr": 0.1}, task=("mlp_digits", {}),
+                      seed=0, steps=6, flatness=False)
+    assert len(CountingClosureSGD.closure_losses) == 6
+    assert result["diverged_at"] is None
+
+
+def test_wrapped_learned_optimizer_is_meta_trained_and_evaluated_with_its_stack():
+    run = meta_train(optimizer="rnnprop", wrappers=[{"name": "sam_gradient", "rho": 0.05}],
+                     trainer={"meta_steps": 2, "unroll": 2, "horizon": 4, "val_every": 1, "val_steps": 4},
+                     seed=0, val_tasks=1)
+    assert run["wrappers"] == [{"name": "sam_gradient", "rho": 0.05}]
+    learned = {"name": "rnnprop", "wrappers": run["wrappers"], "state_dict": run["state_dict"]}
+    result = evaluate(learned=learned, task=("mlp_digits", {}), seed=0, steps=8, curve_points=4,
+                      curve_flatness=True, entropy_gamma=1000.0)
+    assert math.isfinite(result["top_eigenvalue"]) and math.isfinite(result["smoothed_loss"])
+    assert len(result["curve"]["top_eigenvalue"]) == len(result["curve"]["step"]) == 5
+    assert result["curve"]["top_eigenvalue"][-1] == pytest.approx(result["top_eigenvalue"], rel=1e-3)
