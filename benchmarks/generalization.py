@@ -277,12 +277,50 @@ def run_regime(name: str, regime: Mapping[str, Any], study: Mapping[str, Any], j
         r.update(optimizer=name, task=task, meta_seed=meta_seed,
                  kind="baseline" if meta_seed is None else "learned")
         runs.append(r)
-    return {"description": regime["description"], "train_task": train_task,
+    log("  test-time cost, measured side by side")
+    cost = test_time_cost(held_out[0]["task"], contenders, picks, regime["baselines"], held_out[0]["name"], steps)
+    return {"description": regime["description"], "train_task": train_task, "test_time_cost": cost,
             "held_out": [{"name": h["name"], "task": h["task"]} for h in held_out],
             "eval_steps": steps, "trainer": regime["trainer"], "baseline_sweep": baseline_sweep,
             "baseline_picks": {b: {t: p for t, p in per.items()} for b, per in picks.items()},
             "alpha_sweep": alpha_sweep, "chosen_regularizers": chosen, "meta_runs": meta_runs,
             "held_out_contenders": list(contenders), "runs": runs}
+
+
+def test_time_cost(task: tuple[str, dict[str, Any]], contenders: Mapping[str, list[dict[str, Any]]],
+                   picks: Mapping[str, Mapping[str, Mapping[str, Any]]], baselines: Mapping[str, Any],
+                   task_name: str, steps: int, repeats: int = 3) -> list[dict[str, Any]]:
+    """Seconds per optimizee step of each optimizer and of its flatness-seeking counterpart.
+
+    Measured in this process, one thread, the pair interleaved ``repeats`` times on the
+    same optimizee; the ratio of medians is what a user pays at test time.
+    """
+    torch.set_num_threads(1)
+    pairs: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = []
+    for name, runs in contenders.items():
+        wrappers = runs[0]["wrappers"]
+        if any(w["name"] == "sam_gradient" for w in wrappers):
+            plain = {**_learned(runs[0]), "wrappers": [w for w in wrappers if w["name"] != "sam_gradient"]}
+            pairs.append((f"{name} without sam_gradient", {"learned": plain}, name, {"learned": _learned(runs[0])}))
+
+    def base(b: str) -> dict[str, Any]:
+        point = {k: v for k, v in picks[b][task_name].items() if k != "_score"}
+        return {"baseline": {"name": baselines[b]["optimizer"], **baselines[b].get("fixed", {}), **point}}
+
+    for other in ("sam", "entropy_sgd"):
+        if "adam" in picks and other in picks:
+            pairs.append(("adam", base("adam"), other, base(other)))
+    rows = []
+    for ref_name, ref, name, job in pairs:
+        times: dict[str, list[float]] = {ref_name: [], name: []}
+        for _ in range(repeats):
+            for label, spec in ((ref_name, ref), (name, job)):
+                result = evaluate(task=task, seed=0, steps=steps, curve_points=1, flatness=False, **spec)
+                times[label].append(result["seconds"] / steps)
+        ref_t, t = statistics.median(times[ref_name]), statistics.median(times[name])
+        rows.append({"reference": ref_name, "optimizer": name, "reference_ms_per_step": 1e3 * ref_t,
+                     "ms_per_step": 1e3 * t, "ratio": t / ref_t})
+    return rows
 
 
 def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -301,14 +339,16 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
     unknown = sorted(set(names) - set(config["regimes"]))
     if unknown:
         raise SystemExit(f"--regimes: unknown {unknown}; the config has {sorted(config['regimes'])}")
-    # An interrupted study resumes from its cache; its wall time counts from the first start.
-    started_file = out / "started.json"
-    if not started_file.exists():
-        write_atomically(started_file, json.dumps({"started": time.time()}).encode(), OSError)
-    started = json.loads(started_file.read_text())["started"]
+    # An interrupted study resumes from its cache; its wall time is summed over the
+    # processes that worked on it.
+    elapsed_file = out / "elapsed.json"
+    before = json.loads(elapsed_file.read_text())["seconds"] if elapsed_file.exists() else 0.0
+    start = time.perf_counter()
     regimes = {n: run_regime(n, config["regimes"][n], study, jobs, log) for n in names}
+    wall = before + time.perf_counter() - start
+    write_atomically(elapsed_file, json.dumps({"seconds": wall}).encode(), OSError)
     results = {"quick": args.quick, "config": config, "study": study, "regimes": regimes,
-               "wall_seconds": time.time() - started, "job_seconds": jobs.seconds,
+               "wall_seconds": wall, "job_seconds": jobs.seconds,
                "cpu": f"{os.cpu_count()} cores, torch {torch.__version__}, {study['workers']} workers"}
     write_atomically(out / "results.json", json.dumps(results, indent=1, default=str).encode(), OSError)
     log(f"wrote {out / 'results.json'} ({results['wall_seconds'] / 60:.1f} min)")

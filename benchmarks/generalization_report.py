@@ -90,15 +90,17 @@ def verdict(p: Mapping[str, Any]) -> str:
 
 
 def compact(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop per-run curves (kept as means per task and optimizer) and validation logs."""
+    """Drop per-run curves (the plotted task's are kept as means per optimizer) and validation logs."""
     if results.get("compact"):
         return dict(results)
     out = {k: v for k, v in results.items() if k != "regimes"}
     out["compact"], out["regimes"] = True, {}
     for name, regime in results["regimes"].items():
         curves: dict[str, dict[str, Any]] = {}
+        plotted = regime["held_out"][0]["name"]  # the curves shown in the report
         for r in regime["runs"]:
-            curves.setdefault(f"{r['task']}|{r['optimizer']}", []).append(r["curve"])  # type: ignore[union-attr]
+            if r["task"] == plotted:
+                curves.setdefault(f"{r['task']}|{r['optimizer']}", []).append(r["curve"])  # type: ignore[union-attr]
         mean_curves = {}
         for key, group in curves.items():
             n = min(len(c["step"]) for c in group)
@@ -109,9 +111,35 @@ def compact(results: Mapping[str, Any]) -> dict[str, Any]:
         out["regimes"][name] = {
             **{k: v for k, v in regime.items() if k not in ("runs", "meta_runs")},
             "meta_runs": [{k: v for k, v in m.items() if k != "validation"} for m in regime["meta_runs"]],
-            "runs": [{k: v for k, v in r.items() if k != "curve"} for r in regime["runs"]],
-            "mean_curves": mean_curves,
+            # Columns and rows: the held-out runs are most of the file.
+            "runs": {"columns": list(_RUN_KEYS), "rows": [[_round(r[k]) for k in _RUN_KEYS] for r in regime["runs"]]},
+            "mean_curves": _round(mean_curves),
         }
+    return out
+
+
+# What the report reads from each held-out run (the task's options are in the config).
+_RUN_KEYS = ("task", "optimizer", "kind", "meta_seed", "seed", "test_accuracy", "train_accuracy", "train_loss",
+             "test_loss", "top_eigenvalue", "smoothed_loss", "seconds", "diverged_at")
+
+
+def _round(value: Any) -> Any:
+    """Five significant digits: the compact JSON stays small, and the report rounds further."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def expand(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The compact results with each regime's runs as a list of dicts again."""
+    out = {**results, "regimes": {}}
+    for name, regime in results["regimes"].items():
+        runs = regime["runs"]
+        out["regimes"][name] = {**regime, "runs": [dict(zip(runs["columns"], row)) for row in runs["rows"]]}
     return out
 
 
@@ -204,6 +232,26 @@ def meta_table(regime: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def flatness_correlation(regime: Mapping[str, Any]) -> list[str]:
+    """Spearman rank correlation of test accuracy with each flatness measure, per held-out task."""
+    from scipy import stats
+
+    lines = ["| held-out task | runs | ρ(top eigenvalue, test acc) | ρ(smoothed − train loss, test acc) "
+             "| ρ(top eigenvalue, gap) |", "|---|---|---|---|---|"]
+    for task in (h["name"] for h in regime["held_out"]):
+        runs = [r for r in regime["runs"] if r["task"] == task and not math.isnan(r["top_eigenvalue"])
+                and not math.isnan(r["smoothed_loss"])]
+        if len(runs) < 3:
+            continue
+        eig = [r["top_eigenvalue"] for r in runs]
+        excess = [r["smoothed_loss"] - r["train_loss"] for r in runs]
+        acc = [r["test_accuracy"] for r in runs]
+        gap = [r["train_accuracy"] - r["test_accuracy"] for r in runs]
+        cells = [float(stats.spearmanr(a, b).statistic) for a, b in ((eig, acc), (excess, acc), (eig, gap))]
+        lines.append(f"| {task} | {len(runs)} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
+    return lines
+
+
 def sweep_tables(regime: Mapping[str, Any]) -> list[str]:
     lines = ["| regularizer | α | best validation acc (%) |", "|---|---|---|"]
     for row in regime["alpha_sweep"]:
@@ -233,6 +281,9 @@ def plots(results: Mapping[str, Any], img: Path) -> list[str]:
         task = regime["held_out"][0]["name"]
         shown = [c for c in _contenders(regime) if f"{task}|{c}" in regime["mean_curves"]]
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        colors = plt.get_cmap("tab20").colors
+        for ax in axes:
+            ax.set_prop_cycle(color=colors)
         for c in shown:
             curve = regime["mean_curves"][f"{task}|{c}"]
             style = "--" if c in BASELINES else "-"
@@ -257,15 +308,19 @@ def plots(results: Mapping[str, Any], img: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, len(results["regimes"]), figsize=(7 * len(results["regimes"]), 5), squeeze=False)
     for ax, (name, regime) in zip(axes[0], results["regimes"].items()):
-        for kind, marker in (("baseline", "x"), ("learned", ".")):
-            runs = [r for r in regime["runs"] if r["kind"] == kind and r["top_eigenvalue"] > 0]
-            ax.scatter([r["top_eigenvalue"] for r in runs], [r["test_accuracy"] for r in runs], s=8,
-                       marker=marker, alpha=0.5, label=kind)
+        colors = plt.get_cmap("tab10").colors
+        for i, task in enumerate(h["name"] for h in regime["held_out"]):
+            for kind, marker in (("baseline", "x"), ("learned", ".")):
+                runs = [r for r in regime["runs"] if r["kind"] == kind and r["task"] == task
+                        and r["top_eigenvalue"] > 0]
+                ax.scatter([r["top_eigenvalue"] for r in runs], [r["test_accuracy"] for r in runs], s=10,
+                           marker=marker, alpha=0.5, color=colors[i % 10],
+                           label=task if kind == "learned" else None)
         ax.set_xscale("log")
         ax.set_xlabel("top Hessian eigenvalue at the final point")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{name}: every held-out run")
-        ax.legend()
+        ax.set_title(f"{name}: every held-out run (x: hand-designed)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = img / "results_accuracy_vs_flatness.png"
     fig.savefig(path, dpi=90)
@@ -277,8 +332,9 @@ def plots(results: Mapping[str, Any], img: Path) -> list[str]:
 
 
 def report(results: Mapping[str, Any], docs: Path) -> str:
-    results = compact(results)
-    images = plots(results, docs / "img")
+    data = compact(results)
+    results = expand(data)
+    plots(results, docs / "img")
     study = results["study"]
     out = ["# Does flatness-aware meta-training generalize? Results of the study", "",
            "Generated by `python benchmarks/generalization_report.py docs/results.json` from the study's JSON "
@@ -310,17 +366,26 @@ def report(results: Mapping[str, Any], docs: Path) -> str:
         out += ["### Meta-training: validation, failures, cost", "",
                 f"Budget per run: {json.dumps(regime['trainer'])}. A run *failed* when its best validation "
                 f"accuracy stayed at or below {study['failure_accuracy']:.0%}.", "", *meta_table(regime), ""]
-        out += ["### Sweeps (validation only)", "", *sweep_tables(regime), ""]
+        out += ["### Test-time cost (ms per optimizee step, side by side on the first held-out task)", "",
+                "| optimizer | ms/step | reference | ms/step | ratio |", "|---|---|---|---|---|"]
+        out += [f"| {c['optimizer']} | {c['ms_per_step']:.2f} | {c['reference']} | {c['reference_ms_per_step']:.2f} "
+                f"| {c['ratio']:.2f}× |" for c in regime.get("test_time_cost", [])]
+        out += ["", "### Sweeps (validation only)", "", *sweep_tables(regime), ""]
         out += ["### Per held-out task", ""]
         for task in tasks:
             out += [f"#### {task}", "", *per_task(regime, task), ""]
         out += [f"![{name} curves](img/results_{name}_curves.png)", ""]
     out += ["## Test accuracy against flatness, every held-out run", "",
-            "![accuracy vs flatness](img/results_accuracy_vs_flatness.png)", "", "## Protocol", "",
+            "![accuracy vs flatness](img/results_accuracy_vs_flatness.png)", "",
+            "Spearman rank correlations across all runs of a held-out task (every optimizer, every seed); "
+            "a negative ρ with the eigenvalue means flatter end points tested better.", ""]
+    for name, regime in results["regimes"].items():
+        out += [f"**{name}**", "", *flatness_correlation(regime), ""]
+    out += ["## Protocol", "",
             PROTOCOL.format(**study), ""]
     text = "\n".join(out)
     (docs / "results.md").write_text(text)
-    (docs / "results.json").write_text(json.dumps(results, indent=None, default=str))
+    (docs / "results.json").write_text(json.dumps(data, separators=(",", ":"), default=str))
     return text
 
 
@@ -345,7 +410,8 @@ PROTOCOL = """\
   evaluation seeds. Paired differences pair the optimizee seed and, between learned optimizers, the
   meta-training seed; "better"/"worse" means the interval excludes 0.
 - **Cost.** Entropy-SGD takes `inner_steps` extra gradients per step and SAM one; the `sam_gradient`
-  wrapper one. The "s per run" column is measured wall time per held-out run, side by side."""
+  wrapper one. The "s per run" column is the wall time per held-out run in two concurrent workers
+  (a rough guide); the test-time cost table measures each pair side by side in one process."""
 
 
 def main(argv: Sequence[str] | None = None) -> str:
