@@ -30,6 +30,10 @@ Group options (each parameter group may set its own; the constructor sets defaul
 Other keys in a group (timm's ``lr_scale``, ``param_names``) are kept and ignored, as
 ``torch.optim`` does.
 
+A wrapper stack that looks at other points, such as ``sam_gradient``, needs a closure:
+``opt.step(closure)`` re-evaluates the same mini-batch (zero grads, loss, backward) and
+the wrapper gets the gradients at the points it asks for from it.
+
 State of a coordinatewise learned optimizer (RNNProp, L2O-DM: a coordinate's update
 depends only on its own history): the recurrent state is split per parameter and kept
 in ``self.state[p]``; every per-coordinate tensor is sliced to ``p``'s coordinates and
@@ -56,12 +60,13 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FlatL2OError
+from ..wrappers.stack import LearnedOptimizerWrapper, host_step
 
 __all__ = ["LearnedOptimizerTorch", "OptimizerStateError", "UntrainedOptimizerWarning"]
 
@@ -195,6 +200,21 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Wrappers that look at other points (sam_gradient) get their gradient oracle
+        # from the closure; it is only valid during this step.
+        self._closure = closure
+        self._start = None
+        if closure is not None and isinstance(self.learned_optimizer, LearnedOptimizerWrapper):
+            # The oracle evaluates every group at its value when the step began, as the
+            # closure's own gradient was, although earlier groups have moved since.
+            self._start = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+        try:
+            self._step_groups()
+        finally:
+            self._closure = self._start = None
+        return loss
+
+    def _step_groups(self) -> None:
         for index, group in enumerate(self.param_groups):
             active = [p for p in group["params"] if p.grad is not None]
             if not active:
@@ -214,7 +234,6 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                     self._step_batch(group, batch)
             else:
                 self._step_whole_group(index, group)
-        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping each state tensor's dtype.
@@ -364,7 +383,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         weight_decay = group["weight_decay"]
         if weight_decay != 0:
             grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
-        new_params, new_state = learned.step(list(params), list(grads), state)
+        new_params, new_state = host_step(learned, list(params), list(grads), state,
+                                          grad_fn=self._oracle(params, weight_decay))
         if set(new_state) != set(state):
             raise OptimizerStateError(
                 f"LearnedOptimizerTorch: {type(learned).__name__}.step() returned state keys "
@@ -372,6 +392,41 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                 f"must keep the keys of its state"
             )
         return list(new_params), {key: value.detach() for key, value in new_state.items()}
+
+    def _oracle(self, params: list[Tensor], weight_decay: float) -> Callable[[Sequence[Tensor]], list[Tensor]] | None:
+        """``grad_fn`` for ``params`` from the step's closure, or ``None`` without one.
+
+        It puts every parameter back to its value at the start of the step, sets
+        ``params`` to the given point, re-runs the closure and reads their gradients
+        (plus weight decay, as for the plain gradient). Values and ``.grad`` of every
+        parameter are restored afterwards, so groups and batches stepped later still see
+        the gradient of the step's start. A wrapper's perturbation is thus taken per
+        batch of parameters (usually one per group and device).
+        """
+        closure, start = getattr(self, "_closure", None), getattr(self, "_start", None)
+        if closure is None or start is None:
+            return None
+        every = [p for group in self.param_groups for p in group["params"]]
+
+        def grad_fn(point: Sequence[Tensor]) -> list[Tensor]:
+            values = [p.detach().clone() for p in every]
+            saved_grads = [None if p.grad is None else p.grad.clone() for p in every]
+            try:
+                for p, v in zip(every, start):
+                    p.copy_(v)
+                for p, x in zip(params, point):
+                    p.copy_(x)
+                with torch.enable_grad():
+                    closure()
+                return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone().add(x, alpha=weight_decay)
+                        for p, x in zip(params, point)]
+            finally:
+                for p, v in zip(every, values):
+                    p.copy_(v)
+                for p, g in zip(every, saved_grads):
+                    p.grad = g
+
+        return grad_fn
 
     def _learned_on(self, device: torch.device) -> nn.Module:
         weight = next(iter(self.learned_optimizer.parameters()), None)

@@ -10,8 +10,8 @@ changes what it *sees*, and it costs one extra gradient per step at test time.
 The protocol's ``step(params, grads, state)`` carries no loss, so the host hands the
 wrapper a gradient oracle for the current mini-batch: ``grad_fn(params) -> grads``
 (detached), passed as a keyword of ``step``. :func:`~.stack.host_step` does that for
-any host; :class:`~flat_l2o_plugin.training.MetaTrainer`, the evaluation loop and the
-``torch.optim`` face use it. A host that already passes ``loss_fn=`` (the flatness-aware
+any host; :class:`~flat_l2o_plugin.training.MetaTrainer` and the evaluation loop use
+it, and the ``torch.optim`` face builds the oracle from the closure given to ``step``. A host that already passes ``loss_fn=`` (the flatness-aware
 wrapper's explicit protocol) also works: the gradient is then taken from ``loss_fn``.
 """
 
@@ -97,6 +97,7 @@ class SAMGradient(LearnedOptimizerWrapper):
         if oracle is None:
             raise ConfigError("sam_gradient: the host passed neither grad_fn= nor loss_fn= to step(), so the "
                               "gradient at the perturbed point cannot be taken; call the optimizer through "
-                              "flat_l2o_plugin.wrappers.host_step(optimizer, params, grads, state, loss_fn=...)")
+                              "flat_l2o_plugin.wrappers.host_step(optimizer, params, grads, state, loss_fn=...), "
+                              "or, with LearnedOptimizerTorch, pass a closure to step(closure)")
         return self.inner_step(params, self.sam_gradient(params, grads, oracle), state, **forwarded)
 

@@ -209,7 +209,7 @@ def gradient_oracle(loss_fn: LossFn) -> GradFn:
 
 
 def host_step(optimizer: Any, params: Params, grads: Params, state: Mapping[str, Tensor], *,
-              loss_fn: LossFn | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+              loss_fn: LossFn | None = None, grad_fn: GradFn | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     """How a host calls a learned optimizer that may be a wrapper stack.
 
     A bare learned optimizer gets the protocol's three arguments. A wrapper also gets
@@ -221,11 +221,15 @@ def host_step(optimizer: Any, params: Params, grads: Params, state: Mapping[str,
     Args:
         optimizer: The learned optimizer or wrapper stack.
         params, grads, state: As for ``step``.
-        loss_fn: The current mini-batch loss, ``loss_fn(params)``; ``None`` gives wrappers
-            no oracle.
+        loss_fn: The current mini-batch loss, ``loss_fn(params)``; the oracle is its gradient.
+        grad_fn: The oracle itself, for hosts that have no functional loss (the
+            torch.optim face builds one from its closure). With neither, wrappers get no
+            oracle.
     """
-    if isinstance(optimizer, LearnedOptimizerWrapper) and loss_fn is not None:
-        return optimizer.step(params, grads, state, grad_fn=gradient_oracle(loss_fn))
+    if isinstance(optimizer, LearnedOptimizerWrapper):
+        oracle = grad_fn if grad_fn is not None else gradient_oracle(loss_fn) if loss_fn is not None else None
+        if oracle is not None:
+            return optimizer.step(params, grads, state, grad_fn=oracle)
     return optimizer.step(params, grads, state)
 
 

@@ -151,3 +151,44 @@ def test_meta_gradient_differs_from_the_plain_gradient_path():
     plain, sam_inner = Recorder(), Recorder()
     assert not torch.allclose(meta_grad(plain), meta_grad(SAMGradient(sam_inner, rho=0.3)))
     assert F.mse_loss(torch.stack(plain.seen[0]), torch.stack(sam_inner.seen[0])) > 0
+
+
+def test_the_torch_optim_face_takes_the_oracle_from_the_closure():
+    from flat_l2o_plugin.integrations.torch_optim import LearnedOptimizerTorch
+
+    a, loss_fn = _quadratic()
+    x0, o0 = torch.tensor([0.7, -0.4]), torch.tensor([2.0, -1.0])
+    param, other = torch.nn.Parameter(x0.clone()), torch.nn.Parameter(o0.clone())
+    # Two groups, stepped one after the other, and a loss that couples them.
+    opt = LearnedOptimizerTorch([{"params": [param]}, {"params": [other]}], SAMGradient(Recorder(), rho=0.3))
+    recorded = opt.learned_optimizer.inner
+
+    def coupled(x, o):
+        return loss_fn([x]) + ((o - x) ** 2).sum() * (1 + x.sum() ** 2)
+
+    def closure():
+        opt.zero_grad()
+        loss = coupled(param, other)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ConfigError, match="pass a closure to step"):
+        closure()
+        opt.step()
+    recorded.seen.clear()
+    with torch.no_grad():
+        param.copy_(x0), other.copy_(o0)
+    opt.step(closure)
+
+    def grad_at(x, o):
+        x, o = x.clone().requires_grad_(True), o.clone().requires_grad_(True)
+        return torch.autograd.grad(coupled(x, o), [x, o])
+
+    gx, go = grad_at(x0, o0)
+    px = x0 + 0.3 * gx / gx.norm()
+    po = o0 + 0.3 * go / go.norm()
+    # Each group sees the gradient at its SAM point, the other group held at the step's start.
+    assert torch.allclose(recorded.seen[0][0], grad_at(px, o0)[0], atol=1e-5)
+    assert torch.allclose(recorded.seen[1][0], grad_at(x0, po)[1], atol=1e-5)
+    assert torch.allclose(param.detach(), x0 - 0.1 * recorded.seen[0][0], atol=1e-6)
+    assert torch.allclose(other.detach(), o0 - 0.1 * recorded.seen[1][0], atol=1e-6)
