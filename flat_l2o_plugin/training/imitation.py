@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from ..protocols import LossFn
+from ..wrappers.sam_gradient import gradient_at_sam_point
+from ..wrappers.stack import gradient_oracle
 
 __all__ = ["Teacher", "TEACHERS"]
 
@@ -56,10 +58,7 @@ class Teacher:
         """The gradient the teacher steps with: ∇f(θ), or ∇f(θ + ρ ĝ) for SAM."""
         if self.rho == 0:
             return grads
-        norm = torch.sqrt(sum((g * g).sum() for g in grads)) + 1e-12
-        with torch.enable_grad():
-            perturbed = [(p + self.rho * g / norm).detach().requires_grad_(True) for p, g in zip(params, grads)]
-            return [g.detach() for g in torch.autograd.grad(loss_fn(perturbed), perturbed)]
+        return gradient_at_sam_point(params, grads, gradient_oracle(loss_fn), self.rho)
 
     def state_dict(self) -> dict[str, Any]:
         """The moments (lists of tensors, not copies: :meth:`update` replaces them) and the step count."""

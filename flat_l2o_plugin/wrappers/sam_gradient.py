@@ -11,8 +11,11 @@ The protocol's ``step(params, grads, state)`` carries no loss, so the host hands
 wrapper a gradient oracle for the current mini-batch: ``grad_fn(params) -> grads``
 (detached), passed as a keyword of ``step``. :func:`~.stack.host_step` does that for
 any host; :class:`~flat_l2o_plugin.training.MetaTrainer` and the evaluation loop use
-it, and the ``torch.optim`` face builds the oracle from the closure given to ``step``. A host that already passes ``loss_fn=`` (the flatness-aware
-wrapper's explicit protocol) also works: the gradient is then taken from ``loss_fn``.
+it, and the ``torch.optim`` face builds the oracle from the closure given to ``step``.
+A host that already passes ``loss_fn=`` (the flatness-aware wrapper's explicit
+protocol) also works: the gradient is then taken from ``loss_fn``. The imitation
+teacher's SAM step (:mod:`~flat_l2o_plugin.training.imitation`) uses the same
+:func:`gradient_at_sam_point`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,32 @@ from ..errors import ConfigError
 from ..protocols import LossFn, Params
 from .stack import GradFn, LearnedOptimizerWrapper, gradient_oracle
 
-__all__ = ["SAMGradient"]
+__all__ = ["SAMGradient", "sam_perturbation", "gradient_at_sam_point"]
+
+
+def sam_perturbation(params: Params, grads: Params, rho: float, *, adaptive: bool = False) -> list[Tensor]:
+    """SAM's ε = ρ·g/‖g‖, or ASAM's ρ·θ²⊙g/‖θ⊙g‖ with ``adaptive``; the norm spans all tensors.
+
+    At a stationary point (or with a non-finite gradient) there is no direction to
+    perturb in, and ε is zero rather than NaN.
+    """
+    with torch.no_grad():
+        weights = [p.detach().abs() for p in params] if adaptive else None
+        scaled = [w * g for w, g in zip(weights, grads)] if weights is not None else list(grads)
+        norm = torch.sqrt(sum(x.pow(2).sum() for x in scaled))
+        if not torch.isfinite(norm) or norm == 0:
+            return [torch.zeros_like(g) for g in grads]
+        directions = [w * x for w, x in zip(weights, scaled)] if weights is not None else scaled
+        return [rho * d / norm for d in directions]
+
+
+def gradient_at_sam_point(params: Params, grads: Params, grad_fn: GradFn, rho: float, *,
+                          adaptive: bool = False) -> list[Tensor]:
+    """∇f(θ + ε) from a gradient oracle, detached and in the dtypes of ``grads``."""
+    eps = sam_perturbation(params, grads, rho, adaptive=adaptive)
+    perturbed = [(p.detach() + e).to(p.dtype) for p, e in zip(params, eps)]
+    return [g.detach().to(old.dtype) for g, old in zip(grad_fn(perturbed), grads)]
+
 
 class SAMGradient(LearnedOptimizerWrapper):
     """Feed the wrapped learned optimizer ∇f(θ + ρ·ĝ) instead of ∇f(θ).
@@ -61,21 +89,11 @@ class SAMGradient(LearnedOptimizerWrapper):
 
     def perturbation(self, params: Params, grads: Params) -> list[Tensor]:
         """ε, the step from θ to the point whose gradient the wrapped optimizer sees."""
-        with torch.no_grad():
-            scale = [p.detach() ** 2 for p in params] if self.adaptive else [torch.ones_like(g) for g in grads]
-            norm = torch.sqrt(sum(((s.sqrt() if self.adaptive else s) * g).pow(2).sum()
-                                  for s, g in zip(scale, grads)))
-            if not torch.isfinite(norm) or norm == 0:
-                # At a stationary point (or a broken gradient) there is no direction to
-                # perturb in; the plain gradient is passed through and nothing is hidden.
-                return [torch.zeros_like(g) for g in grads]
-            return [self.rho * s * g / norm for s, g in zip(scale, grads)]
+        return sam_perturbation(params, grads, self.rho, adaptive=self.adaptive)
 
     def sam_gradient(self, params: Params, grads: Params, grad_fn: GradFn) -> list[Tensor]:
         """∇f(θ + ε) from the host's gradient oracle, detached."""
-        eps = self.perturbation(params, grads)
-        perturbed = [(p.detach() + e).to(p.dtype) for p, e in zip(params, eps)]
-        return [g.detach().to(old.dtype) for g, old in zip(grad_fn(perturbed), grads)]
+        return gradient_at_sam_point(params, grads, grad_fn, self.rho, adaptive=self.adaptive)
 
     def step(self, params: Params, grads: Params, state: Mapping[str, Tensor], *,
              grad_fn: GradFn | None = None, loss_fn: LossFn | None = None,
