@@ -207,11 +207,12 @@ def run_regime(name: str, regime: Mapping[str, Any], study: Mapping[str, Any], j
     log(f"  picked on validation for the training task: {train_picks}")
 
     # 2. The α sweep (RNNProp, first meta-seed), scored on validation.
-    def mt_job(optimizer: str, regularizers: Mapping[str, Any], seed: int, *, options: Mapping[str, Any] = {},
-               wrappers: Sequence[Mapping[str, Any]] = (), trainer: Mapping[str, Any] = {}) -> dict[str, Any]:
-        return {"optimizer": optimizer, "optimizer_options": dict(options), "wrappers": list(wrappers),
+    def mt_job(optimizer: str, regularizers: Mapping[str, Any], seed: int, *,
+               options: Mapping[str, Any] | None = None, wrappers: Sequence[Mapping[str, Any]] = (),
+               trainer: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return {"optimizer": optimizer, "optimizer_options": dict(options or {}), "wrappers": list(wrappers),
                 "task": train_task, "regularizers": dict(regularizers),
-                "trainer": {**regime["trainer"], **trainer}, "seed": seed, "val_tasks": study["val_seeds"]}
+                "trainer": {**regime["trainer"], **(trainer or {})}, "seed": seed, "val_tasks": study["val_seeds"]}
 
     sweep_optimizer = regime["optimizers"][0]
     alpha_jobs = [(reg, alpha, mt_job(sweep_optimizer, {reg: {"weight": alpha, **spec.get("options", {})}},
@@ -282,7 +283,7 @@ def run_regime(name: str, regime: Mapping[str, Any], study: Mapping[str, Any], j
     return {"description": regime["description"], "train_task": train_task, "test_time_cost": cost,
             "held_out": [{"name": h["name"], "task": h["task"]} for h in held_out],
             "eval_steps": steps, "trainer": regime["trainer"], "baseline_sweep": baseline_sweep,
-            "baseline_picks": {b: {t: p for t, p in per.items()} for b, per in picks.items()},
+            "baseline_picks": picks,
             "alpha_sweep": alpha_sweep, "chosen_regularizers": chosen, "meta_runs": meta_runs,
             "held_out_contenders": list(contenders), "runs": runs}
 

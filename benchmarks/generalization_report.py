@@ -135,11 +135,16 @@ def _round(value: Any) -> Any:
 
 
 def expand(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The compact results with each regime's runs as a list of dicts again."""
+    """The compact results with each regime's runs as dicts again, plus the train-test gap
+    (``gap``) and the smoothed loss's excess over the train loss (``entropy_excess``)."""
     out = {**results, "regimes": {}}
     for name, regime in results["regimes"].items():
         runs = regime["runs"]
-        out["regimes"][name] = {**regime, "runs": [dict(zip(runs["columns"], row)) for row in runs["rows"]]}
+        rows = [dict(zip(runs["columns"], row)) for row in runs["rows"]]
+        for r in rows:
+            r["gap"] = r["train_accuracy"] - r["test_accuracy"]
+            r["entropy_excess"] = r["smoothed_loss"] - r["train_loss"]
+        out["regimes"][name] = {**regime, "runs": rows}
     return out
 
 
@@ -187,9 +192,6 @@ def per_task(regime: Mapping[str, Any], task: str) -> list[str]:
         runs = [r for r in regime["runs"] if r["optimizer"] == name and r["task"] == task]
         if not runs:
             continue
-        for r in runs:
-            r.setdefault("gap", r["train_accuracy"] - r["test_accuracy"])
-            r.setdefault("entropy_excess", r["smoothed_loss"] - r["train_loss"])
         acc = t_interval(clustered(runs, "test_accuracy"))
         gap = t_interval(clustered(runs, "gap"))
         lines.append(
@@ -219,16 +221,44 @@ def paired_table(regime: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) ->
     return lines
 
 
+def regularized_pairs(regime: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(optimizer+term, optimizer) for every learned optimizer evaluated with and without a term."""
+    plain = [c for c in regime["held_out_contenders"] if "+" not in c]
+    return [(c, c.split("+")[0]) for c in regime["held_out_contenders"] if "+" in c and c.split("+")[0] in plain]
+
+
+def recipe_tally(results: Mapping[str, Any]) -> dict[str, int]:
+    """Verdicts of every (optimizer+term − optimizer, held-out task) comparison, over all regimes.
+
+    Only pairs whose treatment is a meta-loss regularizer of the config count; a wrapper
+    such as ``rnnprop+sam_gradient`` is a variant, not the paper's recipe.
+    """
+    tally = {"better": 0, "worse": 0, "within noise": 0}
+    for regime in results["regimes"].values():
+        terms = set(regime["chosen_regularizers"])
+        for treatment, reference in regularized_pairs(regime):
+            if treatment.split("+", 1)[1] not in terms:
+                continue
+            for task in (h["name"] for h in regime["held_out"]):
+                p = paired(regime["runs"], task, treatment, reference)
+                if p is not None:
+                    tally[verdict(p)] += 1
+    return tally
+
+
 def meta_table(regime: Mapping[str, Any]) -> list[str]:
-    lines = ["| configuration | group | meta-seeds | best validation acc (%) | failed | meta-training s |",
-             "|---" * 6 + "|"]
+    lines = ["| configuration | group | meta-seeds | best validation acc (%) | failed | meta-training s "
+             "| × plain optimizer |", "|---" * 7 + "|"]
     labels: dict[str, list[Mapping[str, Any]]] = {}
     for m in regime["meta_runs"]:
         labels.setdefault(m["label"], []).append(m)
+    seconds = {label: _nanmean(m["seconds"] for m in runs) for label, runs in labels.items()}
     for label, runs in labels.items():
         acc = t_interval([m["best_val_accuracy"] for m in runs])
+        base = label.split("+")[0]
+        ratio = f"{seconds[label] / seconds[base]:.2f}×" if base != label and base in seconds else ""
         lines.append(f"| {label} | {runs[0]['group']} | {len(runs)} | {_pct(*acc)} "
-                     f"| {sum(m['failed'] for m in runs)}/{len(runs)} | {_nanmean(m['seconds'] for m in runs):.0f} |")
+                     f"| {sum(m['failed'] for m in runs)}/{len(runs)} | {seconds[label]:.0f} | {ratio} |")
     return lines
 
 
@@ -244,9 +274,9 @@ def flatness_correlation(regime: Mapping[str, Any]) -> list[str]:
         if len(runs) < 3:
             continue
         eig = [r["top_eigenvalue"] for r in runs]
-        excess = [r["smoothed_loss"] - r["train_loss"] for r in runs]
+        excess = [r["entropy_excess"] for r in runs]
         acc = [r["test_accuracy"] for r in runs]
-        gap = [r["train_accuracy"] - r["test_accuracy"] for r in runs]
+        gap = [r["gap"] for r in runs]
         cells = [float(stats.spearmanr(a, b).statistic) for a, b in ((eig, acc), (excess, acc), (eig, gap))]
         lines.append(f"| {task} | {len(runs)} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
     return lines
@@ -342,12 +372,16 @@ def report(results: Mapping[str, Any], docs: Path) -> str:
            + ("**Quick mode: these numbers are a smoke test and mean nothing.**" if results.get("quick") else ""),
            "", f"Compute: {results['cpu']}; wall time of the full study **{results['wall_seconds'] / 60:.0f} min** "
            f"on this CPU machine (no GPU).", ""]
+    tally = recipe_tally(results)
+    out += [f"The paper's recipe in one line: {sum(tally.values())} paired comparisons of a learned optimizer "
+            f"meta-trained with a flatness term against the same optimizer without it (every regime and held-out "
+            f"task): {tally['better']} better, {tally['worse']} worse, {tally['within noise']} within noise.", ""]
     if READING.exists():
         out += [READING.read_text().strip(), ""]
     for name, regime in results["regimes"].items():
         tasks = [h["name"] for h in regime["held_out"]]
         adam = [r for r in regime["runs"] if r["optimizer"] == "adam" and r["task"] == tasks[0]]
-        gap = _nanmean(r["train_accuracy"] - r["test_accuracy"] for r in adam)
+        gap = _nanmean(r["gap"] for r in adam)
         out += [f"## Regime `{name}`: {regime['description']}", "",
                 f"Tuned Adam on the training architecture (new seeds) reaches "
                 f"{100 * _nanmean(r['train_accuracy'] for r in adam):.1f}% train and "
@@ -355,8 +389,7 @@ def report(results: Mapping[str, Any], docs: Path) -> str:
                 f"**{100 * gap:.1f} points** after {regime['eval_steps']} steps.", "",
                 "### Test accuracy on held-out optimizees (%, mean ± 95% CI)", "", *headline(regime), ""]
         learned_plain = [c for c in regime["held_out_contenders"] if "+" not in c]
-        pairs = [(c, c.split("+")[0]) for c in regime["held_out_contenders"]
-                 if "+" in c and c.split("+")[0] in learned_plain]
+        pairs = regularized_pairs(regime)
         variants = [c for c in regime["held_out_contenders"] if c not in learned_plain and (c, c.split("+")[0])
                     not in pairs]
         pairs += [(v, b) for v in variants for b in ("adam", "sam")]

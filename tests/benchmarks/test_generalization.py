@@ -105,3 +105,16 @@ def test_quick_study_and_its_report(tmp_path):
     study.main(["--quick", "--out", str(tmp_path / "run"), "--workers", "1"], log=logs.append)
     assert all("(0 cached)" not in line for line in logs if "jobs" in line)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["quick"] is True
+
+
+def test_the_recipe_tally_counts_meta_loss_terms_only():
+    runs = []
+    for m in (0, 1, 2):
+        for s in (0, 1):
+            runs.append(_run("rnnprop", "t", s, 0.5, meta_seed=m))
+            runs.append(_run("rnnprop+sharpness", "t", s, 0.54 + 0.01 * m, meta_seed=m))
+            runs.append(_run("rnnprop+sam_gradient", "t", s, 0.9, meta_seed=m))
+    regime = {"held_out_contenders": ["rnnprop", "rnnprop+sharpness", "rnnprop+sam_gradient"],
+              "chosen_regularizers": {"sharpness": {"weight": 0.1}}, "held_out": [{"name": "t"}], "runs": runs}
+    assert report.regularized_pairs(regime) == [("rnnprop+sharpness", "rnnprop"), ("rnnprop+sam_gradient", "rnnprop")]
+    assert report.recipe_tally({"regimes": {"r": regime}}) == {"better": 1, "worse": 0, "within noise": 0}
