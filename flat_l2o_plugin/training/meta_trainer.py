@@ -22,7 +22,8 @@ What makes it safe to leave running for days:
 - **Checkpoints.** With ``run_dir``, the complete trainer state (weights, Adam moments,
   every RNG, the in-flight optimizee trajectories, estimator probes, curriculum, best
   weights, counters) is written to ``run_dir/checkpoint/`` every ``checkpoint_every``
-  meta-steps, at the end, and on Ctrl-C, atomically (:mod:`.checkpoint`).
+  meta-steps, at the end, and on Ctrl-C, atomically. What goes in and how it comes back
+  is :mod:`.trainer_checkpoint`'s business; the folder format is :mod:`.checkpoint`'s.
   ``train(resume=True)`` continues exactly: a run killed at any moment and resumed
   produces the same metrics as one never interrupted.
 - **Metrics.** One JSON line per meta-step in ``run_dir/metrics.jsonl``
@@ -40,17 +41,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -58,15 +56,15 @@ from ..errors import ConfigError
 from ..host import FlatL2O
 from ..protocols import Task
 from ..wrappers.stack import host_step
-from .checkpoint import (CHECKPOINT_DIR, Checkpoint, TrainingCheckpointError, checkpoint_dir, decode_floats,
-                         encode_floats, load_checkpoint, save_checkpoint)
 from .curriculum import Curriculum
 from .distributed import DistributedContext
 from .estimator_state import EstimatorSlots
 from .evaluate import batch_generator, train_with_learned_optimizer
-from .imitation import TEACHERS, Teacher
+from .imitation import TEACHERS
 from .lr_schedule import META_LR_SCHEDULES, meta_learning_rate
 from .metrics import METRICS_FILE, MetricsLog
+from .trainer_checkpoint import TrainerCheckpointer
+from .trajectory import Trajectory
 
 __all__ = ["MetaTrainConfig", "MetaTrainResult", "MetaTrainer", "TaskSampler"]
 
@@ -78,10 +76,6 @@ TaskSampler = Callable[[torch.Generator], tuple[Task, int]]
 It must draw only from the generator it is given: on resume the trainer replays it with
 the saved generator state to rebuild each in-flight trajectory's task.
 """
-
-_RESUMABLE_FIELDS = ("meta_steps", "checkpoint_every")
-"""Config fields a resumed run may change (a longer budget, another checkpoint rate)."""
-
 
 @dataclass
 class MetaTrainConfig:
@@ -168,21 +162,6 @@ class MetaTrainConfig:
                               f"got {self.imitation_teacher!r}")
 
 
-@dataclass
-class _Trajectory:
-    task: Task
-    seed: int
-    params: list[Tensor]
-    state: dict[str, Tensor]
-    generator: torch.Generator  # the optimizee's mini-batch stream
-    horizon: int
-    slot: int = 0
-    sample_state: Tensor | None = None  # the slot generator's state when the task was drawn
-    step: int = 0
-    initial_loss: float | None = None
-    teacher: Teacher | None = None
-
-
 class _Unroll(NamedTuple):
     meta_loss: Tensor
     logs: dict[str, float]
@@ -215,11 +194,6 @@ class MetaTrainResult:
     diverged: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
-
-
-def _as_json(value: Any) -> Any:
-    # What a value looks like after a trip through a checkpoint's JSON (tuples -> lists).
-    return decode_floats(json.loads(json.dumps(encode_floats(value))))
 
 
 def _mean_by_key(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -277,7 +251,7 @@ class MetaTrainer:
         self._slot_generators = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=root)))
                                  for _ in range(cfg.meta_batch)]
         self._slots = self.distributed.owned(cfg.meta_batch)
-        self._trajectories: list[_Trajectory | None] = [None] * cfg.meta_batch
+        self._trajectories: list[Trajectory | None] = [None] * cfg.meta_batch
         self._estimators = EstimatorSlots(self.flat, cfg.meta_batch)
         self._init_takes_generator = _takes_generator(optimizer.init_state)
         self.meta_optimizer = torch.optim.Adam(optimizer.parameters(), lr=cfg.meta_lr)
@@ -288,6 +262,7 @@ class MetaTrainer:
         self._best_score = -math.inf
         self._best_step: int | None = None
         self._seconds = 0.0
+        self._checkpoints = TrainerCheckpointer(self)
 
     @property
     def horizon(self) -> int:
@@ -302,7 +277,7 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ trajectories
 
-    def _new_trajectory(self, slot: int) -> _Trajectory:
+    def _new_trajectory(self, slot: int) -> Trajectory:
         generator = self._slot_generators[slot]
         sample_state = generator.get_state()
         task, seed = self.sample_task(generator)
@@ -311,9 +286,9 @@ class MetaTrainer:
         # Random scaling factors (RNNProp) come from the slot's stream, not the global one.
         state = (self.optimizer.init_state(params, generator=generator) if self._init_takes_generator
                  else self.optimizer.init_state(params))
-        return _Trajectory(task, int(seed), params, state, batches, self.horizon, slot=slot, sample_state=sample_state)
+        return Trajectory(task, int(seed), params, state, batches, self.horizon, slot=slot, sample_state=sample_state)
 
-    def _unroll(self, traj: _Trajectory) -> _Unroll:
+    def _unroll(self, traj: Trajectory) -> _Unroll:
         """One truncated unroll of K steps; returns the meta-loss (in φ's graph) and its logs."""
         cfg, flat = self.config, self.flat
         first_step = traj.step
@@ -350,7 +325,7 @@ class MetaTrainer:
         logs = {"loss": float(loss.detach()), **{f"term/{k}": v / cfg.unroll for k, v in terms_sum.items()}}
         return _Unroll(total_loss / cfg.unroll, logs, first_step, values)
 
-    def _imitation_unroll(self, traj: _Trajectory) -> _Unroll:
+    def _imitation_unroll(self, traj: Trajectory) -> _Unroll:
         """K steps along the teacher's trajectory; the meta-loss is the imitation error."""
         cfg = self.config
         if traj.teacher is None:
@@ -532,24 +507,15 @@ class MetaTrainer:
         if resume:
             if self.run_dir is None:
                 raise ConfigError("MetaTrainer.train(resume=True) needs run_dir= to resume from")
-            checkpoint = self._read_checkpoint()
-            self._restore(checkpoint)
+            checkpoint = self._checkpoints.read()
+            self._checkpoints.restore(checkpoint)
             start = result.resumed_from = checkpoint.step
         elif self.run_dir is not None:
-            existing = dist_ctx.broadcast(str(checkpoint_dir(self.run_dir)) if dist_ctx.is_main
-                                          and checkpoint_dir(self.run_dir) is not None else None)
-            if existing is not None:
-                raise TrainingCheckpointError(f"{existing} already holds a checkpoint of this run folder; pass "
-                                              f"resume=True to continue it, or choose a new run_dir")
-        metrics = None
-        if self.run_dir is not None and dist_ctx.is_main:
-            metrics = MetricsLog(self.run_dir / METRICS_FILE)
-            result.history = metrics.open(keep=start)
-            result.validation = [{"meta_step": h["meta_step"] + 1,
-                                  **{k: h[k] for k in ("val_score", "val_accuracy", "val_loss") if k in h}}
-                                 for h in result.history if "val_score" in h]
-        snapshot = self._capture(start) if self.run_dir is not None else None
-        saved_step = start if resume else None
+            self._checkpoints.refuse_fresh_start()
+        metrics = self._open_metrics(start, result)
+        checkpoints = self._checkpoints if self.run_dir is not None else None
+        if checkpoints is not None:
+            checkpoints.track(start, saved=resume)
         clock = time.perf_counter() - self._seconds
         bar = _progress_bar(cfg.meta_steps, progress if dist_ctx.is_main else False, initial=start)
         try:
@@ -563,24 +529,13 @@ class MetaTrainer:
                 if metrics is not None:
                     metrics.append(logs)
                 bar(meta_step, logs)
-                if self.run_dir is not None:
-                    snapshot = self._capture(meta_step + 1)
-                    if cfg.checkpoint_every and (meta_step + 1) % cfg.checkpoint_every == 0:
-                        self._save(snapshot, metrics)
-                        saved_step = snapshot.step
-            if snapshot is not None and saved_step != snapshot.step:
-                self._save(snapshot, metrics)
+                if checkpoints is not None:
+                    checkpoints.completed(meta_step + 1, metrics)
+            if checkpoints is not None:
+                checkpoints.flush(metrics)
         except KeyboardInterrupt:
-            if snapshot is not None:
-                if saved_step != snapshot.step and dist_ctx.world_size == 1:
-                    self._save(snapshot, metrics)
-                    saved_step = snapshot.step
-                elif saved_step != snapshot.step and dist_ctx.is_main:
-                    logger.warning("interrupted mid-step: the ranks cannot gather their trajectories now, so no "
-                                   "checkpoint is written for meta-step %d", snapshot.step)
-                if saved_step is not None and dist_ctx.is_main:
-                    logger.warning("interrupted: the checkpoint in %s holds meta-step %d; train(resume=True) "
-                                   "continues from there", self.run_dir / CHECKPOINT_DIR, saved_step)
+            if checkpoints is not None:
+                checkpoints.interrupted(metrics)
             raise
         finally:
             bar.close()
@@ -592,6 +547,17 @@ class MetaTrainer:
         result.skipped, result.diverged = self.skipped, self.diverged
         result.seconds = self._seconds = time.perf_counter() - clock
         return result
+
+    def _open_metrics(self, start: int, result: MetaTrainResult) -> MetricsLog | None:
+        """``metrics.jsonl`` cut back to ``start`` (rank 0 with a run folder), its records put in ``result``."""
+        if self.run_dir is None or not self.distributed.is_main:
+            return None
+        metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        result.history = metrics.open(keep=start)
+        result.validation = [{"meta_step": h["meta_step"] + 1,
+                              **{k: h[k] for k in ("val_score", "val_accuracy", "val_loss") if k in h}}
+                             for h in result.history if "val_score" in h]
+        return metrics
 
     def _validate_and_advance(self, meta_step: int, logs: dict[str, Any], result: MetaTrainResult) -> None:
         cfg = self.config
@@ -614,221 +580,6 @@ class MetaTrainer:
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _capture(self, step: int) -> Checkpoint:
-        """The state after ``step`` completed meta-steps, as a checkpoint in memory.
-
-        Tensors that the loop replaces rather than writes into (trajectory params and
-        states, probes, teacher moments, best weights) are referenced, not copied; what
-        is updated in place (φ, Adam's moments, generators) is copied. Taken after every
-        meta-step, so that an interruption mid-step can still save the last whole one.
-        """
-        cfg = self.config
-        tensors: dict[str, Tensor] = {"rng/torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng/cuda/{index}"] = cuda_state
-        np_state = np.random.get_state(legacy=True)
-        tensors["rng/numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-        version, internal, gauss = random.getstate()
-        optimizer_state = self.meta_optimizer.state_dict()
-        optimizer_scalars: dict[str, dict[str, Any]] = {}
-        for index, entries in optimizer_state["state"].items():
-            for key, value in entries.items():
-                if isinstance(value, Tensor):
-                    tensors[f"meta_optimizer/{index}/{key}"] = value.detach().clone()
-                else:
-                    optimizer_scalars.setdefault(str(index), {})[key] = value
-        slots: dict[str, Any] = {}
-        for slot in self._slots:
-            prefix = f"slot/{slot}"
-            tensors[f"{prefix}/generator"] = self._slot_generators[slot].get_state()
-            estimator_tensors, estimator_meta = self._estimators.export(slot, f"{prefix}/estimators")
-            tensors.update(estimator_tensors)
-            slots[str(slot)] = {"trajectory": self._export_trajectory(self._trajectories[slot], prefix, tensors),
-                                "estimators": estimator_meta}
-        state = {
-            "config": _as_json(asdict(cfg)),
-            "seconds": self._seconds,
-            "skipped": self.skipped,
-            "diverged": self.diverged,
-            "best_score": self._best_score,
-            "best_step": self._best_step,
-            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-            "meta_optimizer": {"param_groups": optimizer_state["param_groups"], "state": optimizer_scalars},
-            "rng": {"python": [version, list(internal), gauss],
-                    "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
-            "estimators": self._estimators.fingerprint,
-            "slots": slots,
-            "learned_optimizer": type(self.optimizer).__qualname__,
-            "world_size": self.distributed.world_size,
-        }
-        weights = {k: v.detach().clone() for k, v in self.optimizer.state_dict().items()}
-        return Checkpoint(step=step, weights=weights, best_weights=self._best_weights, tensors=tensors, state=state)
-
-    @staticmethod
-    def _export_trajectory(traj: _Trajectory | None, prefix: str, tensors: dict[str, Tensor]) -> dict[str, Any] | None:
-        if traj is None:
-            return None
-        key = f"{prefix}/trajectory"
-        for j, p in enumerate(traj.params):
-            tensors[f"{key}/param/{j}"] = p
-        for name, value in traj.state.items():
-            tensors[f"{key}/state/{name}"] = value
-        tensors[f"{key}/batches"] = traj.generator.get_state()
-        tensors[f"{key}/sample_generator"] = traj.sample_state
-        teacher = None
-        if traj.teacher is not None:
-            moments = traj.teacher.state_dict()
-            for j, (m, v) in enumerate(zip(moments["exp_avg"], moments["exp_avg_sq"])):
-                tensors[f"{key}/teacher/exp_avg/{j}"], tensors[f"{key}/teacher/exp_avg_sq/{j}"] = m, v
-            teacher = {"lr": traj.teacher.lr, "betas": list(traj.teacher.betas), "eps": traj.teacher.eps,
-                       "rho": traj.teacher.rho, "step": moments["step"], "moments": len(moments["exp_avg"])}
-        return {"task": traj.task.name, "seed": traj.seed, "horizon": traj.horizon, "step": traj.step,
-                "initial_loss": traj.initial_loss, "params": len(traj.params), "state_keys": list(traj.state),
-                "device": str(traj.params[0].device) if traj.params else "cpu", "teacher": teacher}
-
-    def _save(self, snapshot: Checkpoint, metrics: MetricsLog | None) -> None:
-        """Write ``snapshot`` (rank 0, with the other ranks' slots gathered)."""
-        parts = self.distributed.gather(None if self.distributed.is_main else (
-            {k: v.detach().cpu() for k, v in snapshot.tensors.items() if k.startswith("slot/")},
-            snapshot.state["slots"]))
-        if self.distributed.is_main:
-            tensors, slots = dict(snapshot.tensors), dict(snapshot.state["slots"])
-            for part in (parts or [])[1:]:
-                tensors.update(part[0])
-                slots.update(part[1])
-            if metrics is not None:
-                metrics.sync()  # the checkpoint refers to these lines
-            save_checkpoint(self.run_dir, Checkpoint(step=snapshot.step, weights=snapshot.weights,
-                                                     best_weights=snapshot.best_weights, tensors=tensors,
-                                                     state={**snapshot.state, "slots": slots}))
-        self.distributed.check_replicas(self.optimizer, step=snapshot.step)
-
-    def _read_checkpoint(self) -> Checkpoint:
-        payload: Checkpoint | TrainingCheckpointError | None = None
-        if self.distributed.is_main:
-            try:
-                payload = load_checkpoint(self.run_dir)
-            except TrainingCheckpointError as exc:
-                payload = exc
-        # Rank 0 reads, everyone gets it: run_dir need not be on a shared file system.
-        payload = self.distributed.broadcast(payload)
-        if isinstance(payload, Exception):
-            raise payload
-        return payload
-
-    def _restore(self, checkpoint: Checkpoint) -> None:
-        """Load ``checkpoint`` into this trainer; raise if it belongs to another run."""
-        folder = checkpoint_dir(self.run_dir) or self.run_dir / CHECKPOINT_DIR
-        state_file = folder / "trainer.json"
-        try:
-            self._check_compatible(checkpoint, folder)
-            self._restore_state(checkpoint, state_file)
-        except KeyError as exc:
-            raise TrainingCheckpointError(f"checkpoint {folder} lacks the entry {exc}; it was written by another "
-                                          f"version of this trainer and cannot be resumed") from exc
-
-    def _check_compatible(self, checkpoint: Checkpoint, folder: Path) -> None:
-        state, state_file = checkpoint.state, folder / "trainer.json"
-        saved, now = state["config"], _as_json(asdict(self.config))
-        changed = [k for k in sorted(set(saved) | set(now))
-                   if k not in _RESUMABLE_FIELDS and saved.get(k) != now.get(k)]
-        if changed:
-            details = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
-            raise TrainingCheckpointError(f"checkpoint file {state_file} was written with another MetaTrainConfig: "
-                                          f"{details}; resume with the same config (only {', '.join(_RESUMABLE_FIELDS)}"
-                                          f" may change) or start a new run_dir")
-        fingerprint = _as_json(self._estimators.fingerprint)
-        if state["estimators"] != fingerprint:
-            raise TrainingCheckpointError(f"checkpoint file {state_file} was written with other activated "
-                                          f"regularizers or estimator options ({state['estimators']}; now "
-                                          f"{fingerprint}); resume with the same regularizers config")
-        try:
-            self.optimizer.load_state_dict(checkpoint.weights)
-        except RuntimeError as exc:
-            raise TrainingCheckpointError(f"checkpoint file {folder / 'weights.safetensors'} does not fit this "
-                                          f"learned optimizer ({type(self.optimizer).__name__}; the checkpoint's was "
-                                          f"{state.get('learned_optimizer')}): {exc}") from exc
-        if sorted(int(k) for k in state["slots"]) != list(range(self.config.meta_batch)):
-            raise TrainingCheckpointError(f"checkpoint file {state_file} holds trajectory slots "
-                                          f"{sorted(state['slots'])}, expected 0 .. {self.config.meta_batch - 1}")
-
-    def _restore_state(self, checkpoint: Checkpoint, state_file: Path) -> None:
-        state, tensors = checkpoint.state, checkpoint.tensors
-        moments: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("meta_optimizer/"):
-                _, index, name = key.split("/", 2)
-                moments.setdefault(int(index), {})[name] = value
-        for index, scalars in state["meta_optimizer"]["state"].items():
-            moments.setdefault(int(index), {}).update(scalars)
-        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-                  for group in state["meta_optimizer"]["param_groups"]]
-        try:
-            self.meta_optimizer.load_state_dict({"state": moments, "param_groups": groups})
-        except (ValueError, RuntimeError) as exc:
-            raise TrainingCheckpointError(f"checkpoint file {state_file}: the meta-optimizer state does not fit "
-                                          f"this learned optimizer's weights ({exc})") from exc
-
-        torch.set_rng_state(tensors["rng/torch"])
-        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
-        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        version, internal, gauss = state["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
-        name, position, has_gauss, cached = state["rng"]["numpy"]
-        np.random.set_state((name, tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
-
-        self.skipped, self.diverged, self._seconds = int(state["skipped"]), int(state["diverged"]), state["seconds"]
-        self._best_score, self._best_step = state["best_score"], state["best_step"]
-        self._best_weights = checkpoint.best_weights
-        if self.curriculum is not None:
-            self.curriculum.load_state_dict(state["curriculum"])
-        for slot, generator in enumerate(self._slot_generators):
-            generator.set_state(tensors[f"slot/{slot}/generator"])
-        for slot in self._slots:
-            entry = state["slots"][str(slot)]
-            try:
-                self._estimators.load(slot, f"slot/{slot}/estimators", tensors, entry["estimators"])
-            except KeyError as exc:
-                raise TrainingCheckpointError(f"checkpoint file {state_file}: {exc.args[0]}") from exc
-            self._trajectories[slot] = self._import_trajectory(slot, entry["trajectory"], tensors, state_file)
-
-    def _import_trajectory(self, slot: int, entry: dict[str, Any] | None, tensors: dict[str, Tensor],
-                           state_file: Path) -> _Trajectory | None:
-        if entry is None:
-            return None
-        key = f"slot/{slot}/trajectory"
-        # The task object is not saved: drawing again from the saved generator state rebuilds it.
-        replay = torch.Generator()
-        replay.set_state(tensors[f"{key}/sample_generator"])
-        task, seed = self.sample_task(replay)
-        if int(seed) != entry["seed"] or task.name != entry["task"]:
-            raise TrainingCheckpointError(
-                f"checkpoint file {state_file}: trajectory slot {slot} was task {entry['task']!r} with init seed "
-                f"{entry['seed']}, but sample_task now draws {task.name!r} with seed {seed} from the same generator "
-                f"state; sample_task must draw only from the generator it is given, from the same task list")
-        device = torch.device(entry["device"])
-        params = [tensors[f"{key}/param/{j}"].to(device) for j in range(entry["params"])]
-        state = {name: tensors[f"{key}/state/{name}"].to(device) for name in entry["state_keys"]}
-        batches = torch.Generator()
-        batches.set_state(tensors[f"{key}/batches"])
-        traj = _Trajectory(task, int(seed), params, state, batches, int(entry["horizon"]), slot=slot,
-                           sample_state=tensors[f"{key}/sample_generator"], step=int(entry["step"]),
-                           initial_loss=entry["initial_loss"])
-        teacher = entry["teacher"]
-        if teacher is not None:
-            traj.teacher = Teacher(lr=teacher["lr"], betas=tuple(teacher["betas"]), eps=teacher["eps"],
-                                   rho=teacher["rho"])
-            count = teacher["moments"]
-            traj.teacher.load_state_dict({
-                "exp_avg": [tensors[f"{key}/teacher/exp_avg/{j}"].to(device) for j in range(count)],
-                "exp_avg_sq": [tensors[f"{key}/teacher/exp_avg_sq/{j}"].to(device) for j in range(count)],
-                "step": teacher["step"]})
-        return traj
 
 
 class _progress_bar:  # noqa: N801 - used like a function
