@@ -83,8 +83,6 @@ WRAPPERS = (
                 description="Feeds the wrapped optimizer the gradient at the SAM point θ + ρ·ĝ (train and test)."),
 )
 
-COMPONENT_NAMES = frozenset(info.name for info in (*REGULARIZERS, *OPTIMIZERS, *WRAPPERS, *TASKS))
-
 
 @hookimpl
 def register_regularizers(register: Callable[[RegularizerInfo], None]) -> None:

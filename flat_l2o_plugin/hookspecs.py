@@ -31,7 +31,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .host import ActiveRegularizer
+    from .activation import ActiveRegularizer
     from .protocols import LossFn, Params
     from .registry import OptimizerInfo, RegularizerInfo, TaskInfo, WrapperInfo
 
@@ -140,7 +140,7 @@ def flatness_terms(
         optimizer: The learned optimizer being meta-trained (may be ``None``).
         active: The regularizers the configuration activated **and** whose schedule is
             due at this step, by name. Each is an
-            :class:`~flat_l2o_plugin.host.ActiveRegularizer`; ``active[name](params,
+            :class:`~flat_l2o_plugin.activation.ActiveRegularizer`; ``active[name](params,
             loss_fn, loss)`` returns its weighted term. An implementation computing its
             own terms must return them only when its configuration activated them.
         loss: The mini-batch loss at ``params`` if the host already computed it, else

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import ConfigError
 from ..protocols import Task
+from .seeds import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
 
 __all__ = ["FAMILIES", "TaskFamily", "TaskSpec", "conv_family", "create_family", "mlp_family"]
 
@@ -107,8 +108,6 @@ class TaskFamily:
                  choices: Mapping[str, Sequence[Any]] | None = None, train_seeds: Sequence[int] | None = None,
                  held_out: Iterable[Mapping[str, Any]] = (), held_out_seeds: Iterable[int] | None = None,
                  create: Callable[..., Task] | None = None) -> None:
-        from ..training.experiment import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
-
         self.task_name = task
         self.options = dict(options or {})
         self.choices = {key: list(values) for key, values in sorted((choices or {}).items())}

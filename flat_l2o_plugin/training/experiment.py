@@ -20,11 +20,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError
+# The seed partition belongs to the tasks; re-exported here, its former home.
+from ..tasks.seeds import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
 
 __all__ = ["EVAL_SEEDS_START", "VAL_SEEDS_START", "TRAIN_SEEDS_START", "meta_train", "evaluate", "run_jobs",
            "baseline_class", "smoothed_loss"]
-
-EVAL_SEEDS_START, VAL_SEEDS_START, TRAIN_SEEDS_START = 0, 100, 1000
 
 TaskSpec = tuple[str, Mapping[str, Any]]
 

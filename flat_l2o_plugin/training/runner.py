@@ -17,7 +17,7 @@ which is how ``flat-l2o meta-train CONFIG`` calls it.
 
 Every key is optional (defaults: RNNProp on ``mlp_digits``, no regularizer, the default
 ``MetaTrainConfig``, 3 validation tasks, torch's thread count). Seeds follow
-:mod:`.experiment`: torch's global RNG is seeded with ``trainer.seed`` before anything is
+:mod:`..tasks.seeds`: torch's global RNG is seeded with ``trainer.seed`` before anything is
 built, meta-training init seeds come from ``[TRAIN_SEEDS_START, ...)`` and validation
 uses seeds ``VAL_SEEDS_START + i`` on the ``val`` split.
 
@@ -50,9 +50,9 @@ import torch
 from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError
 from ..protocols import Task
+from ..tasks.seeds import TRAIN_SEEDS_START, VAL_SEEDS_START
 from .checkpoint import TrainingCheckpointError, checkpoint_dir
 from .distributed import init_distributed, shutdown_distributed
-from .experiment import TRAIN_SEEDS_START, VAL_SEEDS_START
 from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
 
 __all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "WEIGHTS_FILE", "main", "normalize_spec", "run_meta_training"]
