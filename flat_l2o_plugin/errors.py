@@ -17,6 +17,7 @@ __all__ = [
     "DisabledComponentError",
     "ConfigError",
     "PluginLoadWarning",
+    "UnregisteredParametersWarning",
 ]
 
 
@@ -57,3 +58,11 @@ class ConfigError(FlatL2OError, ValueError):
 
 class PluginLoadWarning(UserWarning):
     """A plugin failed to load and was skipped (see ``FLAT_L2O_STRICT_PLUGINS``)."""
+
+
+class UnregisteredParametersWarning(UserWarning):
+    """A wrapped module computes with weights that its ``parameters()`` does not list.
+
+    Such weights (submodules kept in a plain Python list, tensors that are not
+    ``nn.Parameter``) receive meta-gradients but are never trained or saved.
+    """

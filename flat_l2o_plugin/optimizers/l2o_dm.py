@@ -24,15 +24,17 @@ from ._flat import check_state, flatten, layout, unflatten
 __all__ = ["L2ODM", "log_sign_preprocess"]
 
 
-def log_sign_preprocess(grad: Tensor, p: float) -> Tensor:
+def log_sign_preprocess(grad: Tensor, p: float, eps: float = 0.0) -> Tensor:
     """The paper's log/sign gradient preprocessing, coordinatewise.
 
-    The two branches agree at |g| = e^{-p} (both give (-1, sign g)), so the features
-    are continuous in g.
+    With ``eps = 0`` the two branches agree at |g| = e^{-p} (both give (-1, sign g)), so
+    the features are continuous in g. Some public ports compute log(|g| + ε) instead;
+    ``eps`` reproduces them.
 
     Args:
         grad: Gradient of any shape.
         p: Controls how small gradients are treated as "small" (the paper uses 10).
+        eps: Added to |g| inside the log of the large-gradient branch.
 
     Returns:
         A tensor of shape ``grad.shape + (2,)`` in ``grad``'s dtype.
@@ -41,8 +43,9 @@ def log_sign_preprocess(grad: Tensor, p: float) -> Tensor:
     large = magnitude >= math.exp(-p)
     # Clamping before the log keeps the unused branch finite at g = 0, so neither the
     # value nor a gradient through it can turn into NaN.
+    clamped = magnitude.clamp_min(math.exp(-p))
     log_feature = torch.where(
-        large, torch.log(magnitude.clamp_min(math.exp(-p))) / p, torch.full_like(grad, -1.0)
+        large, torch.log(clamped + eps if eps else clamped) / p, torch.full_like(grad, -1.0)
     )
     sign_feature = torch.where(large, torch.sign(grad), grad * math.exp(p))
     return torch.stack([log_feature, sign_feature], dim=-1)

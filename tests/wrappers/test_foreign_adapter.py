@@ -170,17 +170,25 @@ def test_spec_errors_name_the_field():
         ForeignAdapter(GRUOptimizer(), input_layout="NTF")
 
 
-def test_runtime_errors_say_what_the_adapter_passed():
-    params = [torch.randn(5)]
-    wrong_width = ForeignAdapter(GRUOptimizer(input_size=1), inputs=["log_sign"], hidden=["zeros", 8])
-    with pytest.raises(FlatL2OError, match=r"features of shape \(5, 2\)"):
-        wrong_width.step(params, params, wrong_width.init_state(params))
-    undeclared = ForeignAdapter(GRUOptimizer(), hidden=None)
-    with pytest.raises(FlatL2OError, match="foreign.hidden is None"):
-        undeclared.step(params, params, undeclared.init_state(params))
-    mismatched = ForeignAdapter(CellStackOptimizer(input_size=1), hidden=[[["zeros", 20], ["zeros", 20]]] * 3)
-    with pytest.raises(FlatL2OError, match="hidden leaves"):
-        mismatched.step(params, params, mismatched.init_state(params))
+def test_a_module_that_does_not_fit_the_spec_is_refused_when_the_adapter_is_built():
+    with pytest.raises(ConfigError, match=r"foreign.inputs: the module takes 1 feature.*inputs = \['grad'\]"):
+        ForeignAdapter(GRUOptimizer(input_size=1), inputs=["log_sign"], hidden=["zeros", 8])
+    with pytest.raises(ConfigError, match=r"foreign.input_layout.*input_layout = 'NF'"):
+        ForeignAdapter(CellStackOptimizer(input_size=2), inputs=["log_sign"], input_layout="1NF",
+                       hidden=[[["zeros", 20], ["zeros", 20]]] * 2)
+    with pytest.raises(ConfigError, match=r"foreign.hidden: GRUOptimizer.forward\(x, h\) takes its state as 1.*"
+                                          r"foreign.hidden is None"):
+        ForeignAdapter(GRUOptimizer(), hidden=None)
+    with pytest.raises(ConfigError, match="hidden leaves"):
+        ForeignAdapter(CellStackOptimizer(input_size=1), hidden=[[["zeros", 20], ["zeros", 20]]] * 3)
+    with pytest.raises(ConfigError, match=r"foreign.hidden: IgnoresItsState.forward returned 'hidden' of shape "
+                                          r"\(3, 8\).*builds \(3, 5\)"):
+        ForeignAdapter(IgnoresItsState(), hidden=["zeros", 5])
+
+
+class IgnoresItsState(GRUOptimizer):
+    def forward(self, x, h):
+        return super().forward(x, None)
 
 
 class Quadratic:
