@@ -49,15 +49,60 @@ def _cmd_list(args: argparse.Namespace) -> int:
     registry = getattr(pm.components, args.kind)
     rows = [{"name": info.name, "description": info.description, "plugin": registry.provider(info.name)}
             for info in registry]
+    if args.verbose:
+        for row, info in zip(rows, registry):
+            row["options"] = _option_rows(info)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         width = max((len(r["name"]) for r in rows), default=0)
         for r in rows:
             print(f"{r['name']:<{width}}  {r['description']}  [{r['plugin']}]")
+            for option in r.get("options") or []:
+                value = "(required)" if option["required"] else f"= {_toml_like(option['default'])}"
+                print(f"    {option['name']} {value}")
+            if args.verbose and r.get("options") is None:
+                print("    (options: any keyword; see the component's documentation)")
+        if args.verbose and args.kind == "regularizers":
+            from .activation import ACTIVATION_KEYS
+
+            print(f"\nevery regularizer also takes the activation keys {', '.join(sorted(ACTIVATION_KEYS))} "
+                  f"(README: Activation config)")
     for name, error in pm.failures.items():
         print(f"warning: plugin {name!r} failed to load: {error}", file=sys.stderr)
     return 0
+
+
+# Options only Python code can pass; a config file has no way to spell them.
+_PYTHON_ONLY_OPTIONS = ("plugin_manager",)
+
+
+def _option_rows(info: object) -> list[dict[str, object]] | None:
+    from .registry import REQUIRED
+
+    options = info.options()  # type: ignore[attr-defined]
+    if options is None:
+        return None
+    rows = []
+    for name, default in options.items():
+        if name in _PYTHON_ONLY_OPTIONS:
+            continue
+        try:
+            json.dumps(default)
+            shown = default
+        except (TypeError, ValueError):
+            shown = repr(default)
+        rows.append({"name": name, "default": None if default is REQUIRED else shown,
+                     "required": default is REQUIRED})
+    return rows
+
+
+def _toml_like(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str) and value.startswith("<"):
+        return value  # the repr of a callable or object default
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -123,7 +168,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     validate_components(config)
     spec = config.as_dict()
     run_dir = spec.pop("run_dir")
-    print(f"meta-training {config.optimizer.name} on {config.task.name}; run folder {run_dir}", file=sys.stderr)
+    print(f"meta-training {config.optimizer.name or config.optimizer.module} on {config.task.name}; run folder "
+          f"{run_dir}", file=sys.stderr)
     try:
         result = run_meta_training(spec, run_dir, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -206,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered components of one kind",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  flat-l2o list regularizers\n  flat-l2o list optimizers --json")
+                       epilog="examples:\n  flat-l2o list regularizers\n  flat-l2o list wrappers -v\n"
+                              "  flat-l2o list optimizers --json")
     p.add_argument("kind", choices=_KINDS)
+    p.add_argument("-v", "--verbose", action="store_true", help="also every component's options with defaults")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_list)
 

@@ -5,6 +5,12 @@ Layout (TOML shown; YAML and plain dicts have the same shape)::
     [optimizer]                     # the learned optimizer, from the registry
     name = "rnnprop"
     options = { output_scale = 0.1 }
+    weights = "pretrained.safetensors"   # optional: start from these weights
+
+    # ... or the user's own module, adapted by a [[wrappers]] entry name = "foreign":
+    # module = "client_optimizer:Optimizer"   # imported from the config file's folder
+    # options = { preproc = true }
+    # weights = "port.pt"                     # .safetensors, or a tensors-only .pt
 
     [task]                          # the optimizee
     name = "mlp_digits"
@@ -14,8 +20,9 @@ Layout (TOML shown; YAML and plain dicts have the same shape)::
     weight = 0.1
     start_fraction = 0.5
 
-    [[wrappers]]                    # retrofit wrappers, innermost first
-    name = "flatness_aware"
+    [[wrappers]]                    # retrofit wrappers, innermost first; options flat,
+    name = "foreign"                # spelled as in wrappers.wrap()
+    inputs = ["grad"]
 
     [trainer]                       # MetaTrainConfig fields
     meta_steps = 200
@@ -33,6 +40,10 @@ table of a ``pyproject.toml``, or the dict a host passes) < environment variable
 (``FLAT_L2O_RUN_DIR``, ``FLAT_L2O_SEED``; the plugin variables ``FLAT_L2O_LOAD_PLUGINS``,
 ``FLAT_L2O_DISABLE_PLUGINS``, ``FLAT_L2O_STRICT_PLUGINS`` win over ``[plugins]`` so a bad
 plugin can be switched off without editing files) < ``--set a.b=value`` overrides.
+
+Relative paths (``optimizer.weights``, ``optimizer.python_path``) in a file are relative
+to the file's folder; given in a dict or by ``--set``, to the current directory. They
+are stored absolute.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from .errors import ConfigError, UnknownComponentError
 from .training.meta_trainer import MetaTrainConfig
 
 __all__ = [
-    "Config", "ComponentSpec", "PluginsConfig", "UnknownKeyError", "ConfigValueError",
+    "Config", "ComponentSpec", "OptimizerSpec", "PluginsConfig", "UnknownKeyError", "ConfigValueError",
     "load_config", "config_from_dict", "parse_override", "provenance", "validate_components",
 ]
 
@@ -75,6 +86,28 @@ class ComponentSpec:
 
 
 @dataclass
+class OptimizerSpec:
+    """The learned optimizer: a registered one by ``name``, or the user's own class by ``module``.
+
+    Attributes:
+        name: A registered learned optimizer.
+        options: Keyword options of its factory (or of the user's class).
+        module: ``"package.module:Class"``, the user's own ``nn.Module`` class (or a
+            factory returning one); adapt it with a ``foreign`` wrapper.
+        weights: A ``.safetensors`` file, or a tensors-only ``.pt`` / ``.pth`` state_dict,
+            loaded strictly into what was built.
+        python_path: Folders searched first for ``module`` (default: the config file's
+            folder); the current directory is searched too.
+    """
+
+    name: str | None = "rnnprop"
+    options: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+    weights: str | None = None
+    python_path: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PluginsConfig:
     """Plugin control; the ``FLAT_L2O_*_PLUGINS`` environment variables take precedence."""
 
@@ -87,10 +120,11 @@ class PluginsConfig:
 class Config:
     """A resolved configuration (see the module docstring for the layout)."""
 
-    optimizer: ComponentSpec = field(default_factory=lambda: ComponentSpec("rnnprop"))
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     task: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp_digits"))
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    wrappers: list[ComponentSpec] = field(default_factory=list)
+    wrappers: list[dict[str, Any]] = field(default_factory=list)
+    """``{"name": <registered wrapper>, **options}`` per wrapper, innermost first."""
     trainer: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     run_dir: str = "runs/meta-train"
@@ -214,6 +248,24 @@ def _component(data: Any, where: str) -> ComponentSpec:
     return spec
 
 
+def _optimizer(data: Any, where: str) -> OptimizerSpec:
+    from .optimizers.external import check_object_path
+
+    spec = OptimizerSpec(data) if isinstance(data, str) else _dataclass_from(OptimizerSpec, data, where)
+    if spec.name is not None and spec.module is not None:
+        raise ConfigValueError(f"{where}: give name (a registered learned optimizer) or module (your own class, "
+                               f"'package.module:Class'), not both")
+    if spec.name is None and spec.module is None:
+        raise ConfigValueError(f"{where} needs name (a registered learned optimizer) or module (your own class, "
+                               f"'package.module:Class')")
+    if spec.name is not None and not spec.name.isidentifier():
+        hint = f"; for your own class write module = {spec.name!r}" if ":" in spec.name else ""
+        raise ConfigValueError(f"{where}.name must be a component name, got {spec.name!r}{hint}")
+    if spec.module is not None:
+        check_object_path(spec.module, f"{where}.module")
+    return spec
+
+
 def _regularizers(data: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(data, Mapping):
         raise ConfigValueError(f"{where} must be a table of regularizer tables, got {data!r}")
@@ -227,18 +279,35 @@ def _regularizers(data: Any, where: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _wrappers(data: Any, where: str) -> list[ComponentSpec]:
+def _wrappers(data: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(data, (list, tuple)):
         raise ConfigValueError(f"{where} must be a list of wrapper tables, got {data!r}")
-    return [_component(item, f"{where}[{i}]") for i, item in enumerate(data)]
+    entries = []
+    for index, item in enumerate(data):
+        at = f"{where}[{index}]"
+        entry = {"name": item} if isinstance(item, str) else item
+        if not isinstance(entry, Mapping) or not all(isinstance(k, str) for k in entry):
+            raise ConfigValueError(f"{at} must be a table {{name = <wrapper>, <option> = ...}}, got {item!r}")
+        if "name" not in entry:
+            close = difflib.get_close_matches("name", list(entry), n=1)
+            if close:
+                raise UnknownKeyError(f"unknown key {f'{at}.{close[0]}'!r} (did you mean 'name'?); a wrapper table "
+                                      f"holds name and the wrapper's options")
+            raise ConfigValueError(f"{at}.name is missing: name the registered wrapper")
+        if not isinstance(entry["name"], str) or not entry["name"].isidentifier():
+            raise ConfigValueError(f"{at}.name must be a component name, got {entry['name']!r}")
+        # Options are checked against the wrapper itself, by validate_components / wrap().
+        entries.append(dict(entry))
+    return entries
 
 
 _NESTED = {
+    OptimizerSpec: _optimizer,
     ComponentSpec: _component,
     PluginsConfig: lambda d, w: _dataclass_from(PluginsConfig, d, w),
     MetaTrainConfig: lambda d, w: _dataclass_from(MetaTrainConfig, d, w),
     dict[str, dict[str, Any]]: _regularizers,
-    list[ComponentSpec]: _wrappers,
+    list[dict[str, Any]]: _wrappers,
 }
 
 
@@ -247,7 +316,11 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigValueError(f"the configuration must be a table, got {data!r}")
     # Partial tables (``[task.options]`` without a name) complete from the defaults.
-    config = _dataclass_from(Config, _merge(Config().as_dict(), data), "")
+    defaults = Config().as_dict()
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, Mapping) and optimizer.get("module") is not None and "name" not in optimizer:
+        defaults["optimizer"]["name"] = None  # a module replaces the default registered name
+    config = _dataclass_from(Config, _merge(defaults, data), "")
     if config.val_tasks < 0:
         raise ConfigValueError(f"val_tasks must be >= 0, got {config.val_tasks!r}")
     return config
@@ -354,12 +427,15 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     Raises:
         ConfigError: or a subclass naming the file, key or field at fault.
     """
+    base: Path | None = None
     if source is None:
         data: dict[str, Any] = {}
     elif isinstance(source, Mapping):
         data = json.loads(json.dumps(source, default=list)) if _jsonable(source) else dict(source)
     else:
         data = _read_file(Path(source), table)
+        base = Path(source).resolve().parent
+        _resolve_paths(data, base)
     env = os.environ if environ is None else environ
     if env.get("FLAT_L2O_RUN_DIR"):
         data = _merge(data, {"run_dir": env["FLAT_L2O_RUN_DIR"]})
@@ -372,7 +448,24 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     for text in overrides:
         path, value = parse_override(text)
         _set(data, path, value, f"--set {text}")
+    _resolve_paths(data, Path.cwd())
+    optimizer = data.get("optimizer")
+    if base is not None and isinstance(optimizer, dict) and optimizer.get("module") is not None \
+            and "python_path" not in optimizer:
+        optimizer["python_path"] = [str(base)]
     return config_from_dict(data)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make ``optimizer.weights`` and ``optimizer.python_path`` absolute, relative to ``base``."""
+    optimizer = data.get("optimizer")
+    if not isinstance(optimizer, dict):
+        return
+    if isinstance(optimizer.get("weights"), str):
+        optimizer["weights"] = str(base / Path(optimizer["weights"]).expanduser())
+    if isinstance(optimizer.get("python_path"), list):
+        optimizer["python_path"] = [str(base / Path(p).expanduser()) if isinstance(p, str) else p
+                                    for p in optimizer["python_path"]]
 
 
 def _jsonable(data: Any) -> bool:
@@ -386,19 +479,25 @@ def _jsonable(data: Any) -> bool:
 def validate_components(config: Config, plugin_manager: Any = None) -> None:
     """Check that every named component exists and accepts its options.
 
+    The learned optimizer is built (the user's ``module`` imported, its ``weights``
+    loaded) and wrapped by the ``[[wrappers]]`` stack, so wrapper options and a foreign
+    module's fit to its adapter are checked too.
+
     Raises:
         UnknownComponentError: listing what is available, the plugins that failed to
             load, and the plugins that were disabled (with the setting that did it).
         ConfigError: an option a component rejects, naming the config field.
     """
     from .host import FlatL2O
+    from .training.runner import build_learned_optimizer
 
     pm = plugin_manager if plugin_manager is not None else config.plugin_manager()
-    kinds = [("optimizer", "optimizers", config.optimizer), ("task", "tasks", config.task)]
-    kinds += [(f"wrappers[{i}]", "wrappers", spec) for i, spec in enumerate(config.wrappers)]
-    for where, kind, spec in kinds:
+    kinds = [("task", "tasks", config.task.name)]
+    if config.optimizer.name is not None:
+        kinds.insert(0, ("optimizer", "optimizers", config.optimizer.name))
+    for where, kind, name in kinds:
         try:
-            pm.component(kind, spec.name)
+            pm.component(kind, name)
         except UnknownComponentError as exc:
             raise type(exc)(f"{where}.name: {exc}") from None
     try:
@@ -407,10 +506,7 @@ def validate_components(config: Config, plugin_manager: Any = None) -> None:
         raise type(exc)(f"regularizers: {exc}") from None
     except ConfigError as exc:
         raise type(exc)(exc if str(exc).startswith("regularizers.") else f"regularizers: {exc}") from None
-    try:
-        pm.component("optimizers", config.optimizer.name).create(**config.optimizer.options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigValueError(f"optimizer.options: {exc}") from None
+    build_learned_optimizer(dataclasses.asdict(config.optimizer), config.wrappers, pm)
 
 
 def provenance(plugin_manager: Any = None) -> dict[str, Any]:

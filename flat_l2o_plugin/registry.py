@@ -22,6 +22,7 @@ __all__ = [
     "WrapperInfo",
     "TaskInfo",
     "Registry",
+    "REQUIRED",
 ]
 
 
@@ -41,6 +42,9 @@ class ComponentInfo:
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
+    _wrapped_arguments = 0
+    """Leading factory arguments that are not options (a wrapper's wrapped optimizer)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(
@@ -58,23 +62,46 @@ class ComponentInfo:
         self.check_options(options)
         return self.factory(**{**self.defaults, **options})
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        """Raise :class:`ConfigError` for an option name the factory does not accept."""
+    def options(self) -> dict[str, Any] | None:
+        """Every option the factory takes, with its default (``REQUIRED`` when it has none).
+
+        The registered ``defaults`` override the factory's own. ``None`` when the factory
+        accepts arbitrary keywords or its signature cannot be read.
+        """
         try:
             signature = inspect.signature(self.factory)
-        except (TypeError, ValueError):  # builtins and C callables: let the call decide
-            return
-        params = signature.parameters.values()
+        except (TypeError, ValueError):  # builtins and C callables
+            return None
+        params = list(signature.parameters.values())[self._wrapped_arguments:]
         if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        found = {p.name: REQUIRED if p.default is p.empty else p.default
+                 for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {**found, **{k: v for k, v in self.defaults.items() if k in found}}
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` for an option name the factory does not accept."""
+        valid = self.options()
+        if valid is None:
             return
-        valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for key in options:
             if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1)
+                close = difflib.get_close_matches(key, list(valid), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 kind = type(self).__name__.removesuffix("Info").lower()
                 raise ConfigError(f"{kind} {self.name!r} has no option {key!r}{hint}; "
                                   f"its options: {', '.join(valid) or 'none'}")
+
+
+class _Required:
+    """The default of an option that has none."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Marks an option without a default in :meth:`ComponentInfo.options`."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +136,12 @@ class OptimizerInfo(ComponentInfo):
 
 @dataclass(frozen=True)
 class WrapperInfo(ComponentInfo):
-    """A retrofit wrapper: ``factory(optimizer, **options)`` returns a wrapped learned optimizer."""
+    """A retrofit wrapper: ``factory(optimizer, **options)`` returns a wrapped learned optimizer.
+
+    Its options are the factory's arguments after the first (the object it wraps).
+    """
+
+    _wrapped_arguments = 1
 
 
 @dataclass(frozen=True)

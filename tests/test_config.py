@@ -147,6 +147,26 @@ def test_estimator_options_are_checked_with_a_suggestion():
     assert TOML_DICT
 
 
+def test_wrapper_options_have_one_spelling_and_are_checked_with_a_suggestion(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[[wrappers]]\nname = "flatness_aware"\nhorizon = 4\n'
+                    '[wrappers.regularizers.sharpness]\nweight = 0.1\n')
+    config = load_config(path, environ={})
+    # The table of a file is the entry wrap() takes: name and options side by side.
+    assert config.wrappers == [{"name": "flatness_aware", "horizon": 4, "regularizers": {"sharpness": {"weight": 0.1}}}]
+    validate_components(config)
+    config = load_config({"wrappers": [{"name": "flatness_aware", "horizn": 4}]}, environ={})
+    with pytest.raises(ConfigError, match=r"wrappers\[0\] \('flatness_aware', from plugin 'builtin'\): wrapper "
+                                          r"'flatness_aware' has no option 'horizn' \(did you mean 'horizon'\?\); "
+                                          r"its options: regularizers, plugin_manager, horizon"):
+        validate_components(config)
+    config = load_config({"wrappers": [{"name": "sam_gradient", "options": {"rho": 0.1}}]}, environ={})
+    with pytest.raises(ConfigError, match=r"no option 'options'.*written flat in its entry"):
+        validate_components(config)
+    with pytest.raises(ConfigError, match=r"wrappers\[0\].name is missing"):
+        load_config({"wrappers": [{"rho": 0.1}]}, environ={})
+
+
 def test_provenance_records_versions_and_plugins():
     from flat_l2o_plugin import get_plugin_manager
 
@@ -158,7 +178,7 @@ def test_provenance_records_versions_and_plugins():
 def test_config_round_trips_through_plain_data():
     config = load_config(overrides=["trainer.curriculum=[20, 40]", "wrappers=[{name='flatness_aware'}]"], environ={})
     assert config_from_dict(json.loads(json.dumps(config.as_dict()))) == config
-    assert isinstance(config, Config) and config.wrappers[0].name == "flatness_aware"
+    assert isinstance(config, Config) and config.wrappers == [{"name": "flatness_aware"}]
 
 
 # ---------------------------------------------------------------------------- fuzzing

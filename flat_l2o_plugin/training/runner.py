@@ -13,7 +13,10 @@ registry, exactly as a user would::
      "threads": 1}                                                   # torch threads (optional)
 
 This is the shape of :meth:`flat_l2o_plugin.config.Config.as_dict` (without ``run_dir``),
-which is how ``flat-l2o meta-train CONFIG`` calls it.
+which is how ``flat-l2o meta-train CONFIG`` calls it. The optimizer may instead be the
+user's own class, ``{"module": "package.module:Class", "options": {...}, "weights":
+"port.pt", "python_path": [...]}``, adapted by a ``foreign`` wrapper (see
+:mod:`flat_l2o_plugin.optimizers.external`).
 
 Every key is optional (defaults: RNNProp on ``mlp_digits``, no regularizer, the default
 ``MetaTrainConfig``, 3 validation tasks, torch's thread count). Seeds follow
@@ -24,7 +27,10 @@ uses seeds ``VAL_SEEDS_START + i`` on the ``val`` split.
 The run folder receives ``config.json`` (the spec, echoed), ``provenance.json`` (the
 versions of Python, torch, pluggy, timm, learn2learn and every plugin), ``metrics.jsonl``,
 ``checkpoint/`` and, at the end, ``optimizer.safetensors``: the best learned optimizer,
-loadable with :func:`~flat_l2o_plugin.optimizers.weights.load_learned_optimizer`.
+loadable with :func:`~flat_l2o_plugin.optimizers.weights.load_learned_optimizer`. For a
+user's module it holds that module's own ``state_dict`` (its keys, no wrapper's), which
+its class loads with ``load_state_dict(safetensors.torch.load_file(path))`` and a config
+names as ``[optimizer] weights``.
 
 Under ``torchrun`` (``WORLD_SIZE`` set) the run joins the process group and splits the
 meta-batch over the ranks (:mod:`.distributed`); only rank 0 writes files. From a shell::
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError
@@ -55,7 +62,8 @@ from .checkpoint import TrainingCheckpointError, checkpoint_dir
 from .distributed import init_distributed, shutdown_distributed
 from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
 
-__all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "WEIGHTS_FILE", "main", "normalize_spec", "run_meta_training"]
+__all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "WEIGHTS_FILE", "build_learned_optimizer", "main", "normalize_spec",
+           "run_meta_training"]
 
 CONFIG_FILE = "config.json"
 """The echoed spec inside a run folder."""
@@ -71,6 +79,7 @@ _DEFAULTS: dict[str, Any] = {"optimizer": {"name": "rnnprop", "options": {}},
                              "regularizers": {}, "trainer": {}, "val_tasks": 3, "threads": None,
                              "wrappers": [], "plugins": {"load": None, "disable": [], "strict": False}}
 _RESUMABLE_TRAINER_FIELDS = ("meta_steps", "checkpoint_every")
+_OPTIMIZER_KEYS = ("name", "options", "module", "weights", "python_path")
 
 
 def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,13 +95,19 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"spec: unknown key(s) {unknown}; expected some of {sorted(_DEFAULTS)}")
     out = json.loads(json.dumps({**_DEFAULTS, **spec}))  # a deep, JSON-faithful copy
-    for part in ("optimizer", "task"):
+    for part, keys in (("optimizer", _OPTIMIZER_KEYS), ("task", ("name", "options"))):
         entry = out[part]
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "options"}:
-            raise ConfigError(f"spec.{part} must be {{\"name\": str, \"options\": {{...}}}}, got {entry!r}")
+        if not isinstance(entry, dict) or set(entry) - set(keys):
+            raise ConfigError(f"spec.{part} must be an object with keys among {list(keys)}, got {entry!r}")
         entry.setdefault("options", {})
         if not isinstance(entry["options"], dict):
             raise ConfigError(f"spec.{part}.options must be an object, got {entry['options']!r}")
+    if not isinstance(out["task"].get("name"), str):
+        raise ConfigError(f"spec.task.name must be a registered task name, got {out['task'].get('name')!r}")
+    optimizer = out["optimizer"]
+    if (optimizer.get("module") is None) == (optimizer.get("name") is None):
+        raise ConfigError(f"spec.optimizer needs exactly one of name (registered) and module "
+                          f"('package.module:Class'), got {optimizer!r}")
     for part in ("regularizers", "trainer", "plugins"):
         if not isinstance(out[part], dict):
             raise ConfigError(f"spec.{part} must be an object, got {out[part]!r}")
@@ -168,8 +183,9 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
     """
     from ..config import config_from_dict, provenance
     from ..host import FlatL2O
+    from ..optimizers.external import build_optimizer, save_module_weights
     from ..optimizers.weights import save_learned_optimizer
-    from ..wrappers import FlatnessAware, unwrap, wrap
+    from ..wrappers import FlatnessAware, unwrap
 
     spec = normalize_spec(spec)
     run_dir = Path(run_dir)
@@ -191,10 +207,10 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
                 _check_resumed_spec(run_dir / CONFIG_FILE, spec)
         torch.manual_seed(config.seed)
         pm = config_from_dict({"plugins": spec["plugins"]}).plugin_manager()
-        model = pm.component("optimizers", spec["optimizer"]["name"]).create(**spec["optimizer"]["options"])
+        model = build_optimizer(spec["optimizer"], pm)
         optimizee = pm.component("tasks", spec["task"]["name"]).create(**spec["task"]["options"])
         flat = FlatL2O(spec["regularizers"], plugin_manager=pm)
-        learned = wrap(model, spec["wrappers"], plugin_manager=pm) if spec["wrappers"] else model
+        learned = _stack(model, spec["optimizer"], spec["wrappers"], pm)
         for layer in unwrap(learned):
             if isinstance(layer, FlatnessAware):
                 layer.attach(flat)  # the reference host asks its facade; the wrapper answers
@@ -207,7 +223,9 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
             _write_json_atomically(run_dir / CONFIG_FILE, spec)
             _write_json_atomically(run_dir / PROVENANCE_FILE, provenance(pm))
         result = trainer.train(progress=progress, resume=resume)
-        if context.is_main:
+        if context.is_main and spec["optimizer"].get("module") is not None:
+            save_module_weights(run_dir / WEIGHTS_FILE, model, spec=spec["optimizer"])
+        elif context.is_main:
             save_learned_optimizer(run_dir / WEIGHTS_FILE, model, name=spec["optimizer"]["name"],
                                    options=spec["optimizer"]["options"])
         return result
@@ -215,6 +233,38 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
         torch.set_num_threads(threads)
         if owns_group:
             shutdown_distributed()
+
+
+def build_learned_optimizer(optimizer: Mapping[str, Any], wrappers: Sequence[Mapping[str, Any]],
+                            plugin_manager: Any = None) -> tuple[nn.Module, nn.Module]:
+    """The model an ``[optimizer]`` table describes, and the learned optimizer its wrappers make of it.
+
+    Returns:
+        ``(model, learned)``: the registered optimizer or the user's module (its
+        weights loaded), and the outermost wrapper of the ``wrappers`` stack around it
+        (``model`` itself without wrappers).
+
+    Raises:
+        ConfigError: a bad ``optimizer`` field or wrapper option, or a user module that
+            no wrapper adapts into a learned optimizer.
+    """
+    from ..optimizers.external import build_optimizer
+
+    model = build_optimizer(optimizer, plugin_manager)
+    return model, _stack(model, optimizer, wrappers, plugin_manager)
+
+
+def _stack(model: nn.Module, optimizer: Mapping[str, Any], wrappers: Sequence[Mapping[str, Any]],
+           plugin_manager: Any) -> nn.Module:
+    from ..wrappers import wrap
+
+    learned = wrap(model, wrappers, plugin_manager=plugin_manager) if wrappers else model
+    missing = [m for m in ("init_state", "step") if not callable(getattr(learned, m, None))]
+    if missing:
+        raise ConfigError(f"optimizer.module: {optimizer.get('module') or optimizer.get('name')} is not a learned "
+                          f"optimizer (it has no {' or '.join(missing)}()); adapt it with a [[wrappers]] entry "
+                          f"name = \"foreign\", first in the list")
+    return learned
 
 
 def main(argv: Sequence[str] | None = None) -> int:

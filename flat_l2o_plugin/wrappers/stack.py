@@ -245,10 +245,13 @@ def wrap(optimizer: Any, wrappers: Sequence[Mapping[str, Any]], *,
          plugin_manager: FlatL2OPluginManager | None = None) -> Any:
     """Nest registered wrappers around ``optimizer``, the first entry innermost.
 
-    Each entry is a table ``{"name": <registered wrapper>, **options}``; the wrapper's
-    factory is called as ``factory(previous, **defaults, **options)``. A factory that
-    accepts ``plugin_manager`` and is not given one receives ``plugin_manager``, so a
-    wrapper resolves component names (regularizers) among the same plugins as the stack.
+    Each entry is a table ``{"name": <registered wrapper>, **options}``, the options
+    written flat next to the name, exactly as in a ``[[wrappers]]`` table of a config
+    file. Option names are checked against the factory's (with the closest valid one
+    suggested); the factory is then called as ``factory(previous, **defaults, **options)``.
+    A factory that accepts ``plugin_manager`` and is not given one receives
+    ``plugin_manager``, so a wrapper resolves component names (regularizers) among the
+    same plugins as the stack.
 
     Args:
         optimizer: What the first wrapper wraps (a learned optimizer, or for ``foreign``
@@ -263,8 +266,9 @@ def wrap(optimizer: Any, wrappers: Sequence[Mapping[str, Any]], *,
     Raises:
         UnknownComponentError: An entry names no registered wrapper (the message starts
             with ``wrappers[i]`` and lists the available names).
-        ConfigError: An entry is not a table, has no ``name``, or its options are
-            rejected by the wrapper (the message starts with ``wrappers[i]``).
+        ConfigError: An entry is not a table, has no ``name``, names an option the
+            wrapper does not have, or its options are rejected by the wrapper (the
+            message starts with ``wrappers[i]``).
 
     Example:
         >>> wrapped = wrap(create_optimizer("rnnprop"),
@@ -288,10 +292,17 @@ def wrap(optimizer: Any, wrappers: Sequence[Mapping[str, Any]], *,
             info = registry.get(name, failed_plugins=pm.failures, disabled_plugins=pm.disabled)
         except UnknownComponentError as exc:
             raise UnknownComponentError(f"{where}: {exc}") from None
-        options = {**info.defaults, **{k: v for k, v in entry.items() if k != "name"}}
+        given = {k: v for k, v in entry.items() if k != "name"}
+        described = f"{where} ({name!r}, from plugin {registry.provider(name)!r})"
+        try:
+            info.check_options(given)
+        except ConfigError as exc:
+            hint = "; a wrapper's options are written flat in its entry, next to 'name', not under 'options'" \
+                if "options" in given else ""
+            raise ConfigError(f"{described}: {exc}{hint}") from None
+        options = {**info.defaults, **given}
         if "plugin_manager" not in options and _accepts_keyword(info.factory, "plugin_manager"):
             options["plugin_manager"] = pm
-        described = f"{where} ({name!r}, from plugin {registry.provider(name)!r})"
         try:
             result = info.factory(result, **options)
         except FlatL2OError as exc:

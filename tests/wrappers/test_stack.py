@@ -55,7 +55,8 @@ def test_errors_name_the_entry(pm):
         wrap(base, [{"regularizers": {}}], plugin_manager=pm)
     with pytest.raises(ConfigError, match=r"wrappers\[0\]: expected a table"):
         wrap(base, ["flatness_aware"], plugin_manager=pm)
-    with pytest.raises(ConfigError, match=r"wrappers\[1\] \('flatness_aware'.*unexpected keyword"):
+    with pytest.raises(ConfigError, match=r"wrappers\[1\] \('flatness_aware'.*no option 'weight'; its options: "
+                                          r"regularizers, plugin_manager, horizon"):
         wrap(base, [{"name": "tag_a"}, {"name": "flatness_aware", "weight": 1.0}], plugin_manager=pm)
     with pytest.raises(ConfigError, match=r"wrappers\[0\] \('foreign'.*foreign.inputs"):
         wrap(nn.Linear(1, 1), [{"name": "foreign", "inputs": ["nope"]}], plugin_manager=pm)
@@ -124,3 +125,20 @@ def test_two_flatness_wrappers_deep_at_weight_zero(pm):
     iterates, grads = _unroll(stacked, explicit=True)
     assert all(torch.equal(a, b) for a, b in zip(iterates, bare_iterates))
     assert all(torch.equal(a, b) for a, b in zip(grads, bare_grads))
+
+
+def test_wrapper_options_are_checked_with_a_suggestion_before_anything_is_built(pm):
+    built = []
+
+    class Recording(CellStackOptimizer):
+        def forward(self, x, hidden):
+            built.append(1)
+            return super().forward(x, hidden)
+
+    with pytest.raises(ConfigError, match=r"wrappers\[0\] \('foreign', from plugin 'builtin'\): wrapper 'foreign' has "
+                                          r"no option 'output_scal' \(did you mean 'output_scale'\?\); its options: "
+                                          r"inputs, hidden, hidden_as, input_layout, output_scale"):
+        wrap(Recording(), [{**FOREIGN, "output_scal": 0.1}], plugin_manager=pm)
+    assert not built
+    with pytest.raises(ConfigError, match=r"no option 'options'.*written flat in its entry"):
+        wrap(Recording(), [{"name": "foreign", "options": {"inputs": ["log_sign"]}}], plugin_manager=pm)
