@@ -46,7 +46,8 @@ def main(config: str | Path = CONFIG, *, overrides: Sequence[str] = (), seed: in
         seed: Seeds the model and the batches.
 
     Returns:
-        Per step ``loss`` and ``hessian_trace`` (the weighted term), and the final
+        Per step ``loss`` and ``hessian_trace`` (the weighted term; 0 at the first step, whose
+        parameters the transform did not produce), and the final
         ``val_accuracy`` (a one-element list).
     """
     with open(config, "rb") as f:

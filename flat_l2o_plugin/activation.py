@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ._random_state import fixed_random_state
 from .errors import ConfigError, FlatL2OError, PluginHookError
 from .protocols import LossFn, Params, Regularizer
 
@@ -112,6 +113,8 @@ class ActiveRegularizer:
         return self.weight != 0.0 and self.schedule.due(step, **trajectory)
 
     def __call__(self, params: Params, loss_fn: LossFn, loss: Tensor | None = None) -> Tensor:
+        # Every evaluation inside the estimator sees the same dropout masks (see _random_state).
+        loss_fn = fixed_random_state(loss_fn, params)
         try:
             raw = self.regularizer(params, loss_fn)
         except FlatL2OError:

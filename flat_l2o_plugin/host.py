@@ -22,6 +22,7 @@ from typing import Any, Mapping, MutableMapping
 import torch
 from torch import Tensor
 
+from ._random_state import fixed_random_state
 from .activation import ACTIVATION_KEYS, ActiveRegularizer, Schedule, is_finite_number
 from .errors import ConfigError, DuplicateComponentError, FlatL2OError, PluginHookError
 from .hookspecs import hookimpl
@@ -137,8 +138,14 @@ class FlatL2O:
 
         Calls the ``flatness_terms`` hook of every plugin, one at a time so that an
         error names the plugin. Returns ``{}`` when nothing is due (no HVP is spent).
+
+        Plugins and regularizers get a ``loss_fn`` that replays the random state of this
+        call on every evaluation, so a model in train mode shows them one function (the
+        same dropout masks) and their evaluations leave the host's random stream as it was.
         """
         active = self.due(step, horizon=horizon, loss=loss, initial_loss=initial_loss)
+        # One random state for every plugin's evaluations at this iterate, hook plugins included.
+        loss_fn = fixed_random_state(loss_fn, params)
         terms: dict[str, Tensor] = {}
         owners: dict[str, str] = {}
         for plugin_name, caller in self._hook_callers().items():

@@ -22,6 +22,18 @@ With :class:`FlatnessLearnableOptimizer` the loop changes in one line::
     ...
     flat_opt.backward(loss, loss_fn)    # instead of loss.backward()
 
+Two things follow from learn2learn's loop:
+
+* At the first step the model's parameters are its own leaf parameters: θ_0 was not
+  produced by the transforms, so a ``meta_loss`` term there would cost its Hessian-vector
+  products and send nothing to φ. It is skipped (``mode="optimizee_loss"`` terms are not:
+  they change the model's gradient). Any step whose parameters carry no graph is skipped
+  the same way.
+* learn2learn's examples run the model in train mode, so every forward pass draws new
+  dropout masks. The regularizers' loss evaluations replay one random state per call
+  (as in every host route of :class:`~flat_l2o_plugin.FlatL2O`), so an estimator sees
+  one function rather than one per mask.
+
 learn2learn itself is not imported here; the objects it builds are used through their
 public attributes (``info["model"]``, ``parameters()``, ``step()``, ``zero_grad()``).
 """
@@ -107,16 +119,31 @@ def flatness_penalty(model: nn.Module, loss_of_model: ModelLossFn, flat: FlatL2O
     ``loss.backward()`` therefore trains the model on f + R as well (the
     ``optimizee_loss`` behaviour). :meth:`FlatnessLearnableOptimizer.backward` keeps a
     ``meta_loss`` term out of the model's gradient.
+
+    A ``meta_loss`` penalty at parameters that carry no graph (the model's own leaf
+    parameters, before the first update) is a zero with no graph: it could not reach
+    the transforms, so nothing is evaluated.
     """
     if mode not in _MODES:
         raise ConfigError(f"flatness_penalty: mode must be one of {_MODES}, got {mode!r}")
     _, params, loss_fn = model_loss_fn(model, loss_of_model)
+    if mode == "meta_loss" and not _produced_by_an_update(params):
+        return torch.zeros((), dtype=params[0].dtype, device=params[0].device)
     with _grads_preserved(params):
         if mode == "meta_loss":
             return flat.penalty(params, loss_fn, step, loss=loss, horizon=horizon, initial_loss=initial_loss)
         penalty = flat.optimizee_penalty(params, loss_fn, step, loss=loss, horizon=horizon,
                                          initial_loss=initial_loss)
     return penalty if penalty is not None else torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+
+
+def _produced_by_an_update(params: list[Tensor]) -> bool:
+    """Whether some parameter is the output of an update (has a graph that may reach φ).
+
+    learn2learn's ``update_module`` replaces the model's parameters by non-leaf tensors
+    computed from the transforms; before the first ``step()`` they are leaf parameters.
+    """
+    return any(p.grad_fn is not None for p in params)
 
 
 @contextlib.contextmanager
@@ -149,7 +176,8 @@ class FlatnessLearnableOptimizer(TransparentWrapper):
     ``.grad``, which the transform reads at the next ``step()``, holds ∇f alone. With
     ``mode="optimizee_loss"`` terms the model is trained on f + βR, so the model's
     ``.grad`` and the meta-gradient both include the term, as in the original release.
-    With every weight at 0 :meth:`backward` is ``loss.backward()``.
+    With every weight at 0 :meth:`backward` is ``loss.backward()``. ``meta_loss`` terms
+    are skipped at the first step, whose parameters the transforms did not produce.
 
     Args:
         learnable_optimizer: A ``learn2learn.optim.LearnableOptimizer``.
@@ -243,7 +271,9 @@ class FlatnessLearnableOptimizer(TransparentWrapper):
         schedule = {"loss": loss, "horizon": horizon, "initial_loss": initial_loss}
         _, params, loss_fn = model_loss_fn(self.model, loss_of_model)
         with _grads_preserved(params):
-            meta_terms = self.flat.flatness_terms(params, loss_fn, k, optimizer=self, **schedule)
+            # θ_k not produced by the transforms (the first step): a term there cannot reach φ.
+            meta_terms = self.flat.flatness_terms(params, loss_fn, k, optimizer=self, **schedule) \
+                if _produced_by_an_update(params) else {}
             optimizee = self.flat.optimizee_penalty(params, loss_fn, k, **schedule)
             if meta_terms:
                 meta = torch.stack(list(meta_terms.values())).sum()

@@ -131,3 +131,46 @@ def test_the_wrapper_is_transparent_and_checks_its_argument(l2l):
     assert wrapped.model is model
     with pytest.raises(ConfigError, match="LearnableOptimizer"):
         FlatnessLearnableOptimizer(nn.Linear(2, 2))
+
+
+def test_no_term_is_evaluated_at_the_first_step_where_it_cannot_reach_the_transforms(l2l):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    metaopt = l2l.optim.LearnableOptimizer(model, _transform(l2l, "module"), lr=0.1)
+    flat_opt = FlatnessLearnableOptimizer(metaopt, {"sharpness": {"weight": 1.0, "rho": 0.5}},
+                                          plugin_manager=isolated_plugin_manager())
+    x, y = torch.randn(12, 4), torch.randn(12, 1)
+
+    def loss_of_model(m):
+        return F.mse_loss(m(x), y)
+
+    sharpness = flat_opt.flat.active["sharpness"]
+    assert flat_opt.backward(loss_of_model(model), loss_of_model) == {}
+    assert sharpness.last_raw is None  # not evaluated: θ_0 is the model's own leaf parameters
+    assert flatness_penalty(model, loss_of_model, flat_opt.flat, 0).requires_grad is False
+    assert sharpness.last_raw is None
+    metaopt.step()
+    assert set(flat_opt.backward(loss_of_model(model), loss_of_model)) == {"sharpness"}
+    assert sharpness.last_raw is not None
+
+
+def test_the_regularizer_sees_one_dropout_mask_in_learn2learns_own_train_mode_loop(l2l):
+    import repeated_loss_plugin
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4))  # left in train mode
+    metaopt = l2l.optim.LearnableOptimizer(model, _transform(l2l, "kronecker"), lr=0.1)
+    flat_opt = FlatnessLearnableOptimizer(metaopt, {"repeated_loss": {"weight": 1.0}},
+                                          plugin_manager=isolated_plugin_manager(repeated_loss_plugin))
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+
+    def loss_of_model(m):
+        return F.cross_entropy(m(x), y)
+
+    for _ in range(3):
+        metaopt.zero_grad()
+        flat_opt.backward(loss_of_model(model), loss_of_model)
+        metaopt.step()
+    seen = flat_opt.flat.active["repeated_loss"].regularizer.seen
+    assert len(seen) == 2  # steps 1 and 2; none at the first
+    assert all(values[0] == values[1] == values[2] for values in seen)

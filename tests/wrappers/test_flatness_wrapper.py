@@ -219,3 +219,28 @@ def test_errors_name_the_field_and_the_fix():
     optimizee = FlatnessAware(create_optimizer("rnnprop"), {"sharpness": {"weight": 1.0, "mode": "optimizee_loss"}})
     with pytest.raises(ConfigError, match="optimizee_loss"):
         optimizee.attach(FlatL2O())
+
+
+@pytest.mark.parametrize("route", ["explicit", "attached"])
+def test_the_wrappers_regularizer_sees_one_dropout_mask_per_call(route):
+    import repeated_loss_plugin
+
+    params, loss_fn = _problem()
+    dropout_loss = lambda ps: loss_fn([F.dropout(ps[0], 0.5, training=True), *ps[1:]])  # noqa: E731
+    pm = isolated_plugin_manager(repeated_loss_plugin)
+    torch.manual_seed(0)
+    wrapped = FlatnessAware(create_optimizer("l2o_dm"), {"repeated_loss": {"weight": 1.0}}, plugin_manager=pm)
+    params = [p.requires_grad_(True) for p in params]
+    state = wrapped.init_state(params)
+    host = FlatL2O(plugin_manager=pm)
+    if route == "attached":
+        wrapped.attach(host)
+    for t in range(3):
+        grads = [g.detach() for g in torch.autograd.grad(dropout_loss(params), params)]
+        if route == "explicit":
+            params, state = wrapped.step(params, grads, state, loss_fn=dropout_loss)
+        else:
+            params, state = wrapped.step(params, grads, state)
+            assert set(host.flatness_terms(params, dropout_loss, t + 1, optimizer=wrapped)) == {"repeated_loss"}
+    seen = wrapped.active["repeated_loss"].regularizer.seen
+    assert len(seen) == 3 and all(values[0] == values[1] == values[2] for values in seen)

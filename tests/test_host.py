@@ -1,0 +1,83 @@
+"""The host facade hands regularizers one function: the same random state on every loss evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import repeated_loss_plugin
+from flat_l2o_plugin import FlatL2O
+from flat_l2o_plugin.testing import isolated_plugin_manager
+
+
+class DropoutModel(nn.Module):
+    """A classifier left in train mode, as learn2learn's and many users' loops leave it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+        self.x, self.y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def loss_fn(self, params):
+        names = [n for n, _ in self.body.named_parameters()]
+        logits = torch.func.functional_call(self.body, dict(zip(names, params)), (self.x,))
+        return nn.functional.cross_entropy(logits, self.y)
+
+    def params(self):
+        return [p.detach().requires_grad_(True) for p in self.body.parameters()]
+
+
+@pytest.fixture
+def model():
+    return DropoutModel()
+
+
+def _same(values):
+    return all(v == values[0] for v in values)
+
+
+def test_the_losses_differ_between_dropout_masks(model):
+    params = model.params()
+    assert not _same([float(model.loss_fn(params).detach()) for _ in range(3)])  # what the estimators must not see
+
+
+@pytest.mark.parametrize("mode", ["meta_loss", "optimizee_loss"])
+def test_every_evaluation_in_one_regularizer_call_sees_one_dropout_mask(model, mode):
+    hook = repeated_loss_plugin.RepeatedLossHook()
+    flat = FlatL2O({"repeated_loss": {"weight": 1.0, "mode": mode}},
+                   plugin_manager=isolated_plugin_manager(repeated_loss_plugin, hook))
+    params = model.params()
+    rng = torch.get_rng_state()
+    for step in range(3):
+        if mode == "meta_loss":
+            terms = flat.flatness_terms(params, model.loss_fn, step)
+            assert set(terms) == {"repeated_loss", "repeated_hook"}
+        else:
+            assert flat.optimizee_penalty(params, model.loss_fn, step) is not None
+    estimator = flat.active["repeated_loss"].regularizer
+    assert len(estimator.seen) == 3 and all(_same(values) for values in estimator.seen)
+    assert all(_same(values) for values in hook.seen)  # a plugin implementing the hook itself too
+    # The evaluations replay a fork of the host's random stream and leave it as it was.
+    assert torch.equal(torch.get_rng_state(), rng)
+    # Between calls the host's stream moves on, and so do the masks.
+    model.loss_fn(params)
+    later = flat.flatness_terms(params, model.loss_fn, 0) if mode == "meta_loss" else \
+        flat.optimizee_penalty(params, model.loss_fn, 0)
+    assert later is not None and estimator.seen[-1] != estimator.seen[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_random_state_is_replayed_too():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 1)).cuda()
+    x = torch.randn(16, 6, device="cuda")
+    names = [n for n, _ in body.named_parameters()]
+
+    def loss_fn(params):
+        return torch.func.functional_call(body, dict(zip(names, params)), (x,)).pow(2).mean()
+
+    flat = FlatL2O({"repeated_loss": {"weight": 1.0}}, plugin_manager=isolated_plugin_manager(repeated_loss_plugin))
+    flat.flatness_terms([p.detach().requires_grad_(True) for p in body.parameters()], loss_fn, 0)
+    assert _same(flat.active["repeated_loss"].regularizer.seen[0])
