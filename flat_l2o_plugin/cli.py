@@ -64,10 +64,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
             if args.verbose and r.get("options") is None:
                 print("    (options: any keyword; see the component's documentation)")
         if args.verbose and args.kind == "regularizers":
-            from .activation import ACTIVATION_KEYS
+            from dataclasses import fields
 
-            print(f"\nevery regularizer also takes the activation keys {', '.join(sorted(ACTIVATION_KEYS))} "
-                  f"(README: Activation config)")
+            from .activation import ACTIVATION_KEYS, Schedule
+
+            first = ["weight", *(f.name for f in fields(Schedule))]
+            keys = first + sorted(ACTIVATION_KEYS - set(first))
+            print(f"\nevery regularizer also takes the activation keys {', '.join(keys)} (README: Activation config)")
     for name, error in pm.failures.items():
         print(f"warning: plugin {name!r} failed to load: {error}", file=sys.stderr)
     return 0
