@@ -134,7 +134,10 @@ def flatness_terms(
             these are non-leaf tensors in the graph of the learned optimizer's weights:
             keep them in the graph so the term's gradient reaches φ.
         loss_fn: ``loss_fn(params)`` returns the scalar mini-batch loss at ``params``
-            (the same batch the host uses for the meta-loss at this step).
+            (the same batch the host uses for the meta-loss at this step). Every call
+            replays one random state, fixed when the facade was asked for the terms, so
+            a model in train mode draws the same dropout masks at each evaluation, and
+            the evaluations leave the host's random stream as it was.
         step: The step index t within the optimizee's trajectory (0-based, counted from
             the optimizee's initialisation, not from the start of the unroll).
         optimizer: The learned optimizer being meta-trained (may be ``None``).

@@ -204,8 +204,33 @@ class FlatL2O:
                                       f"{step}: {type(exc).__name__}: {exc}") from exc
 
     def stats(self) -> dict[str, float]:
-        """Latest raw value of each activated regularizer, for logging (``name/value``)."""
-        return {f"{n}/value": a.last_value for n, a in self.active.items() if a.last_value is not None}
+        """Latest raw value of each regularizer it evaluates, for logging (``name/value``)."""
+        return {f"{n}/value": a.last_value for n, a in self.evaluated().items() if a.last_value is not None}
+
+    def evaluated(self) -> dict[str, ActiveRegularizer]:
+        """Every activated regularizer this facade's ``flatness_terms`` evaluates, by name.
+
+        Its own (:attr:`active`), and those a plugin on its manager evaluates on its behalf
+        and exposes as ``attached_regularizers`` (a ``{name: ActiveRegularizer}`` mapping),
+        as :meth:`FlatnessAware.attach <flat_l2o_plugin.wrappers.FlatnessAware.attach>`
+        registers. A host that keeps estimator state per trajectory (the reference
+        trainer) keeps theirs too, so a term behaves the same whichever route activated it.
+
+        Raises:
+            ConfigError: Two of them share a name (each term must come from one place).
+        """
+        found = dict(self.active)
+        owners = {name: "the host's config" for name in found}
+        for plugin_name, plugin in self.pm.list_name_plugin():
+            attached = getattr(plugin, "attached_regularizers", None)
+            if not isinstance(attached, Mapping):
+                continue
+            for name, active in attached.items():
+                if name in found and found[name] is not active:
+                    raise ConfigError(f"regularizer {name!r} is activated by both {owners[name]} and plugin "
+                                      f"{plugin_name!r}; activate each regularizer in one place")
+                found[name], owners[name] = active, f"plugin {plugin_name!r}"
+        return found
 
     def _hook_callers(self, hook: str = "flatness_terms") -> dict[str, Any]:
         # One subset caller per implementing plugin, so that an error names the plugin.

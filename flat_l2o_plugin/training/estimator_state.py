@@ -13,9 +13,12 @@ exactly.
 What counts as state: the plain attributes of the estimator object whose values are
 tensors, lists or tuples of tensors, ``torch.Generator``\\s, numbers, strings, booleans or
 ``None``; and the host's running scale and last raw value of each activated regularizer.
-Attributes of other types (nested objects, dicts) are shared by all slots and not saved,
-and so is any state of a plugin that implements the ``flatness_terms`` hook itself instead
-of registering a regularizer: such a plugin resumes from its state at construction.
+The regularizers managed are all those the facade evaluates (:meth:`FlatL2O.evaluated`):
+its own and those of wrappers attached to it, so a term activated by a ``flatness_aware``
+wrapper behaves exactly as the same term in the host's config. Attributes of other types
+(nested objects, dicts) are shared by all slots and not saved, and so is any state of a
+plugin that implements the ``flatness_terms`` hook itself without exposing its
+regularizers: such a plugin resumes from its state at construction.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from ..errors import FlatL2OError
 from ..host import FlatL2O
 
 __all__ = ["EstimatorSlots"]
@@ -63,8 +67,11 @@ class EstimatorSlots:
     """
 
     def __init__(self, flat: FlatL2O, slots: int) -> None:
+        self._flat = flat
+        evaluated = flat.evaluated()
+        self._managed = {name: id(active) for name, active in evaluated.items()}
         self._targets: dict[str, tuple[Any, tuple[str, ...] | None]] = {}
-        for name, active in sorted(flat.active.items()):
+        for name, active in sorted(evaluated.items()):
             self._targets[f"{name}/host"] = (active, _HOST_ATTRIBUTES)
             self._targets[f"{name}/estimator"] = (active.regularizer, None)
         base = {key: _capture(obj, names) for key, (obj, names) in self._targets.items()}
@@ -84,7 +91,19 @@ class EstimatorSlots:
 
     @contextmanager
     def use(self, slot: int) -> Iterator[None]:
-        """Swap slot ``slot``'s state into the estimators for the duration of the block."""
+        """Swap slot ``slot``'s state into the estimators for the duration of the block.
+
+        Raises:
+            FlatL2OError: The facade evaluates other regularizers than when the slots
+                were made (a wrapper attached to it since): their state would be shared
+                by all slots and missing from checkpoints.
+        """
+        now = {name: id(active) for name, active in self._flat.evaluated().items()}
+        if now != self._managed:
+            added = sorted(set(now) - set(self._managed)) or sorted(now)
+            raise FlatL2OError(f"the regularizers {added} were attached to the host after the trainer was built, so "
+                               f"their state could not be kept per trajectory; attach wrappers (FlatnessAware.attach) "
+                               f"before building the trainer")
         for key, (obj, names) in self._targets.items():
             state = self._states[slot][key]
             for name in set(_capture(obj, names)) - set(state):

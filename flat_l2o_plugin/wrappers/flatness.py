@@ -260,7 +260,14 @@ class FlatnessAware(LearnedOptimizerWrapper):
         From then on :meth:`step` accumulates nothing, so nothing is counted twice.
 
         The hook carries no trajectory length: set the wrapper's ``horizon`` for
-        ``at="last"`` / ``start_fraction`` schedules.
+        ``at="last"`` / ``start_fraction`` schedules (the reference trainer passes its own).
+
+        The host reports this wrapper's regularizers as its own
+        (:meth:`FlatL2O.evaluated <flat_l2o_plugin.FlatL2O.evaluated>`, :meth:`FlatL2O.stats
+        <flat_l2o_plugin.FlatL2O.stats>`), so the reference trainer keeps their estimator
+        state per trajectory slot and in its checkpoints, exactly as for the same
+        regularizers in its own config: the two routes give the same run. Attach before
+        building the trainer.
 
         Args:
             host: The host's facade.
@@ -296,6 +303,11 @@ class _AttachedTerms:
 
     def __init__(self, wrapper: FlatnessAware) -> None:
         self.wrapper = wrapper
+
+    @property
+    def attached_regularizers(self) -> dict[str, ActiveRegularizer]:
+        """The wrapper's regularizers, which the host reports and keeps state for as its own."""
+        return self.wrapper.flat.active
 
     @hookimpl
     def flatness_terms(self, params: Params, loss_fn: LossFn, step: int, optimizer: Any,
