@@ -78,7 +78,7 @@ WRAPPERS = (
     WrapperInfo(name="flatness_aware", factory=FlatnessAware,
                 description="Adds the activated flatness regularizers to any learned optimizer's meta-training."),
     WrapperInfo(name="foreign", factory=ForeignAdapter,
-                description="Adapts a user's forward(grad, hidden) -> (update, hidden) module to the protocol."),
+                description="Adapts a user's gradient-to-update nn.Module (state as arguments or attributes)."),
     WrapperInfo(name="sam_gradient", factory=SAMGradient,
                 description="Feeds the wrapped optimizer the gradient at the SAM point θ + ρ·ĝ (train and test)."),
 )

@@ -256,6 +256,12 @@ class _open:  # noqa: N801 - used like a function, as a context manager
 
 def _parse_config(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
     where = f"learned optimizer file {path}"
+    if METADATA_KEY not in metadata and "flat_l2o_plugin.module" in metadata:
+        raise WeightsError(
+            f"{where} holds the weights of a user's own module ({metadata['flat_l2o_plugin.module']}), which "
+            f"is never imported from a file's say-so: build that class and load_state_dict("
+            f"safetensors.torch.load_file(path)), or name the file as [optimizer] weights in a config"
+        )
     if METADATA_KEY not in metadata:
         raise WeightsError(
             f"{where} has no {METADATA_KEY!r} metadata, so the optimizer to rebuild is unknown; "

@@ -2,8 +2,9 @@
 
 * :class:`FlatnessAware` (registered as ``flatness_aware``) adds the activated
   regularizers to any learned optimizer's meta-training.
-* :class:`ForeignAdapter` (registered as ``foreign``) turns a user's
-  ``forward(grad, hidden) -> (update, hidden)`` module into a learned optimizer.
+* :class:`ForeignAdapter` (registered as ``foreign``) turns a user's gradient-to-update
+  module into a learned optimizer, its recurrent state passed as one argument, several,
+  or kept in the module's attributes.
 * :class:`SAMGradient` (registered as ``sam_gradient``) feeds any learned optimizer
   the gradient at the SAM-perturbed point, in meta-training and at test time.
 * :func:`wrap` nests registered wrappers from configuration, first entry innermost.

@@ -52,3 +52,17 @@ def test_readme_run_config_is_valid(tmp_path):
     config = load_config(path, environ={})
     validate_components(config)
     assert config.regularizers["hessian_top_eigenvalue"]["weight"] == 0.1
+
+
+def test_readme_retrofit_config_is_the_examples_and_is_valid(tmp_path):
+    from flat_l2o_plugin.config import load_config, validate_components
+
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "module = " in b]
+    folder = README.parent / "examples" / "retrofit_l2o_dm_port"
+    path = tmp_path / "meta_train.toml"
+    path.write_text(block)
+    shown = load_config(path, environ={}, overrides=[f"optimizer.python_path=['{folder}']"])
+    validate_components(shown)
+    example = load_config(folder / "meta_train.toml", environ={})
+    assert shown.optimizer == example.optimizer
+    assert (shown.wrappers, shown.regularizers, shown.task) == (example.wrappers, example.regularizers, example.task)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from flat_l2o_plugin.cli import main
+from flat_l2o_plugin.optimizers.weights import WeightsError, load_learned_optimizer
 
 
 def test_retrofit_foreign_optimizer_example_meta_trains_with_the_term(load_example):
@@ -87,6 +88,8 @@ def test_l2o_dm_port_meta_trains_from_its_config_alone(tmp_path, examples_dir, f
     trained.load_state_dict(load_file(run_dir / "optimizer.safetensors"))
     moved = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), pretrained.state_dict().values())]
     assert any(moved)  # started from the pretrained weights and meta-trained them
+    with pytest.raises(WeightsError, match=r"user's own module \(.*l2o_dm_port:Optimizer.*load_state_dict"):
+        load_learned_optimizer(run_dir / "optimizer.safetensors")  # names code, which a file must not import
 
 
 def test_stateful_module_meta_trains_from_its_config_alone_and_resumes_mid_trajectory(tmp_path, examples_dir,
