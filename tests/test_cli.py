@@ -25,19 +25,22 @@ def test_list_regularizers_names_and_describes_them():
     assert "Hessian" in out.stdout
 
 
-def test_list_verbose_shows_every_option_with_its_default():
-    out = flat_l2o("list", "wrappers", "-v")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+def test_list_verbose_shows_every_option_with_its_default(capsys):
+    from flat_l2o_plugin.cli import main
+
+    assert main(["list", "wrappers", "-v"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     foreign = lines[[i for i, line in enumerate(lines) if line.startswith("foreign ")][0] + 1:]
     options = dict(line.strip().split(" ", 1) for line in foreign[:11])
     assert options["hidden_as"] == '= "argument"' and options["input_layout"] == '= "NF"'
     assert options["update"] == '= "add"' and options["p"] == "= 10.0" and options["log_eps"] == "= 0.0"
     assert options["output_scale"] == "= 1.0" and options["inputs"] == '= ["grad"]'
-    assert "plugin_manager" not in out.stdout  # Python-only: no config can spell it
-    rows = {r["name"]: r for r in json.loads(flat_l2o("list", "regularizers", "-v", "--json").stdout)}
+    assert "plugin_manager" not in "\n".join(lines)  # Python-only: no config can spell it
+    assert main(["list", "regularizers", "-v", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert {"name": "probes", "default": 8, "required": False} in rows["hessian_trace"]["options"]
-    assert "activation keys weight, every" in flat_l2o("list", "regularizers", "-v").stdout
+    assert main(["list", "regularizers", "-v"]) == 0
+    assert "activation keys weight, every" in capsys.readouterr().out
 
 
 def test_plugins_json_lists_the_builtin_plugin_with_its_components():

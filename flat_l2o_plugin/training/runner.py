@@ -104,8 +104,9 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"spec.{part}.options must be an object, got {entry['options']!r}")
     if not isinstance(out["task"].get("name"), str):
         raise ConfigError(f"spec.task.name must be a registered task name, got {out['task'].get('name')!r}")
-    optimizer = out["optimizer"]
-    if (optimizer.get("module") is None) == (optimizer.get("name") is None):
+    optimizer = out["optimizer"] = {"name": None, "module": None, "weights": None, "python_path": [],
+                                    **out["optimizer"]}
+    if (optimizer["module"] is None) == (optimizer["name"] is None):
         raise ConfigError(f"spec.optimizer needs exactly one of name (registered) and module "
                           f"('package.module:Class'), got {optimizer!r}")
     for part in ("regularizers", "trainer", "plugins"):
@@ -141,9 +142,10 @@ def _check_resumed_spec(path: Path, spec: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise TrainingCheckpointError(f"run config {path} is not valid JSON ({exc})") from exc
+        # Normalized like the spec, so a folder written before a key gained a default still compares equal.
+        saved = normalize_spec(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as exc:  # invalid JSON, or a ConfigError
+        raise TrainingCheckpointError(f"run config {path} is not a valid run spec ({exc})") from exc
 
     def comparable(s: Mapping[str, Any]) -> dict[str, Any]:
         trainer = {k: v for k, v in s.get("trainer", {}).items() if k not in _RESUMABLE_TRAINER_FIELDS}

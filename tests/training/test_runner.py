@@ -38,3 +38,16 @@ def test_command_line_reports_errors_in_one_line(tmp_path, capsys):
     (tmp_path / "spec.json").write_text(json.dumps({"trainer": {"meta_steps": 1}}))
     assert main([str(tmp_path / "spec.json"), str(tmp_path / "run"), "--resume"]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_a_run_folder_from_before_optimizer_modules_resumes(tmp_path, small_spec):
+    run_dir = tmp_path / "run"
+    small_spec["trainer"]["meta_steps"] = 2
+    run_meta_training(small_spec, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["optimizer"] == {"name": "rnnprop", "options": {}, "module": None, "weights": None,
+                                  "python_path": []}
+    saved["optimizer"] = {"name": "rnnprop", "options": {}}  # as written before module/weights existed
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    small_spec["trainer"]["meta_steps"] = 3
+    assert len(run_meta_training(small_spec, run_dir, resume=True).history) == 3
