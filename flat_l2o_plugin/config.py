@@ -461,6 +461,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     optimizer = data.get("optimizer")
     if not isinstance(optimizer, dict):
         return
+    data["optimizer"] = optimizer = dict(optimizer)  # never the caller's own table
     if isinstance(optimizer.get("weights"), str):
         optimizer["weights"] = str(base / Path(optimizer["weights"]).expanduser())
     if isinstance(optimizer.get("python_path"), list):

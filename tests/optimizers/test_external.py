@@ -167,3 +167,13 @@ def test_registered_optimizers_take_weights_too(tmp_path):
                          environ={})
     model = build_optimizer(config.as_dict()["optimizer"])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
+
+
+def test_paths_resolve_without_touching_the_callers_table(project):
+    folder, name = project
+    optimizer = {"module": f"{name}:CellOptimizer", "weights": "w.pt"}
+    # A callable hidden spec makes the dict impossible to copy through JSON.
+    source = {"optimizer": optimizer, "wrappers": [{**FOREIGN, "hidden": lambda n, device, dtype: None}]}
+    config = load_config(source, environ={})
+    assert config.optimizer.weights == str(folder.parent / "w.pt")  # relative to the current directory
+    assert optimizer == {"module": f"{name}:CellOptimizer", "weights": "w.pt"}
