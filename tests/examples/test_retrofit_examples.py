@@ -115,3 +115,16 @@ def test_stateful_module_meta_trains_from_its_config_alone_and_resumes_mid_traje
     assert code == 0, err
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(cut)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_a_config_that_does_not_fit_the_module_is_refused_before_anything_is_written(tmp_path, examples_dir,
+                                                                                     flat_l2o):
+    folder = examples_dir / "retrofit_l2o_dm_port"
+    config = tmp_path / "meta_train.toml"
+    config.write_text("\n".join(line for line in (folder / "meta_train.toml").read_text().splitlines()
+                                if not line.startswith("hidden_as")))
+    code, err = flat_l2o("meta-train", str(config), "--run-dir", str(tmp_path / "run"), *TINY,
+                         "--set", f"optimizer.python_path=['{folder}']")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "takes its state as 2 arguments (hidden, cell)" in err and "set hidden_as = 'arguments'" in err
+    assert not (tmp_path / "run").exists()
