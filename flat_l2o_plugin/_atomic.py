@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 __all__ = ["write_atomically", "fsync_folder"]
@@ -19,7 +19,7 @@ def write_atomically(path: Path, payload: bytes, error: type[Exception]) -> None
     if not folder.is_dir():
         raise error(f"{path}: folder {folder} does not exist; create it first")
     # Same folder as the target: os.replace is atomic only within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -33,6 +33,21 @@ def write_atomically(path: Path, payload: bytes, error: type[Exception]) -> None
             pass
         raise
     fsync_folder(folder)
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new, uniquely named file in ``path``'s folder, open for writing.
+
+    Created with mode 0o666 less the umask, as ``open()`` creates files, so the result
+    is an ordinary file others may read (``tempfile.mkstemp`` would make it 0600).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:  # 64 random bits: practically never
+            continue
 
 
 def fsync_folder(folder: Path) -> None:
