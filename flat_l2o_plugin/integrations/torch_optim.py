@@ -21,6 +21,9 @@ Group options (each parameter group may set its own; the constructor sets defaul
   applies the update as meta-trained, bit for bit; ``0.5`` halves every step; ``0``
   freezes the group while its state still advances. Because it is called ``lr``,
   ``torch.optim.lr_scheduler`` and timm's schedulers anneal it like a learning rate.
+  How to choose it is :data:`LR_RULE`; a group built with ``0 < lr < 0.01`` warns
+  (:class:`StepMultiplierWarning`), because that is a learning rate carried over
+  from another optimizer, not a multiplier.
 - ``weight_decay``: an L2 coefficient λ ≥ 0 added to the gradient the learned
   optimizer sees, g + λθ (the coupled form of ``torch.optim.Adam``), so the learned
   optimizer minimises f(θ) + λ/2‖θ‖². A learned optimizer has no learning rate to
@@ -30,9 +33,31 @@ Group options (each parameter group may set its own; the constructor sets defaul
 Other keys in a group (timm's ``lr_scale``, ``param_names``) are kept and ignored, as
 ``torch.optim`` does.
 
+Gradient clipping (``clip_grad_norm_``, timm's ``--clip-grad``) changes the gradient
+the learned optimizer sees but does not bound its step: the built-in learned
+optimizers normalise gradients by their running scale (RNNProp, L2O-Scale,
+``learned_correction``) or read them through a log-magnitude preprocessing (L2O-DM),
+so a clipped gradient can give as large an update as the unclipped one. ``lr`` scales
+the step.
+
+Complex parameters are refused: the learned optimizers are meta-trained on real
+coordinates, so optimise ``torch.view_as_real`` of a complex tensor instead.
+
 A wrapper stack that looks at other points, such as ``sam_gradient``, needs a closure:
 ``opt.step(closure)`` re-evaluates the same mini-batch (zero grads, loss, backward) and
 the wrapper gets the gradients at the points it asks for from it.
+
+``self.state[p]`` may hold keys of other optimizers beside the learned optimizer's
+own (those of ``init_state``): timm's ``Lookahead`` keeps its slow weights there. They
+are left alone, go through ``state_dict()`` with the rest, and never reach the learned
+optimizer.
+
+``state_dict()`` records which learned optimizer the state belongs to, under
+``"learned_optimizer"``: its registered name, class, options and the SHA-256 of its
+weights. ``load_state_dict`` refuses a state saved with another one (other weights,
+another architecture), because recurrent state only means something to the network
+that wrote it. A state_dict without that entry (from before it existed) is checked by
+its keys and sizes only.
 
 State of a coordinatewise learned optimizer (RNNProp, L2O-DM: a coordinate's update
 depends only on its own history): the recurrent state is split per parameter and kept
@@ -60,15 +85,38 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FlatL2OError
 from ..wrappers.stack import LearnedOptimizerWrapper, host_step
+from ._identity import describe_identity, identity_differences, learned_identity
 
-__all__ = ["LearnedOptimizerTorch", "OptimizerStateError", "UntrainedOptimizerWarning"]
+__all__ = [
+    "IDENTITY_KEY",
+    "LR_RULE",
+    "LearnedOptimizerTorch",
+    "OptimizerStateError",
+    "StepMultiplierWarning",
+    "UntrainedOptimizerWarning",
+]
+
+LR_RULE = (
+    "lr multiplies the meta-trained step, it is not a learning rate: use 1.0 on models like "
+    "those the optimizer was meta-trained on; on other models try 1.0, 0.3 and 0.1 and keep the "
+    "largest whose validation loss keeps falling. A learning rate tuned for SGD or AdamW, or the "
+    "one timm's train.py derives from the batch size when --lr is not given, is far too small: "
+    "below 0.01 the model barely moves"
+)
+"""How to choose ``lr``; the README and :class:`StepMultiplierWarning` say the same."""
+
+IDENTITY_KEY = "learned_optimizer"
+"""The ``state_dict()`` entry that records which learned optimizer the state belongs to."""
+
+# Below this (and above 0) an lr is a learning rate carried over from another optimizer.
+_SMALLEST_MULTIPLIER = 0.01
 
 
 class OptimizerStateError(ConfigError):
@@ -82,6 +130,10 @@ class OptimizerStateError(ConfigError):
 
 class UntrainedOptimizerWarning(UserWarning):
     """A learned optimizer was built by name without weights, so it has never been meta-trained."""
+
+
+class StepMultiplierWarning(UserWarning):
+    """A group's ``lr`` is below 0.01: a learning rate, not a multiplier (see :data:`LR_RULE`)."""
 
 
 class LearnedOptimizerTorch(torch.optim.Optimizer):
@@ -114,10 +166,16 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             the registrations; a fresh :func:`~flat_l2o_plugin.get_plugin_manager`
             by default.
 
+    Attributes:
+        learned_optimizer: The frozen learned optimizer that computes every step.
+        learned_identity: What ``state_dict()`` records under :data:`IDENTITY_KEY`:
+            ``{"optimizer": registered name or None, "class": ..., "options": dict or
+            None, "weights_sha256": ..., "weights_file": path or None}``.
+
     Raises:
         ConfigError: No learned optimizer given, both a module and ``weights``, a name
-            that disagrees with the weights file, or an out-of-range ``lr`` /
-            ``weight_decay``.
+            that disagrees with the weights file, an out-of-range ``lr`` /
+            ``weight_decay``, or a complex parameter.
         WeightsError: The weights file is missing or does not fit (see
             :func:`~flat_l2o_plugin.optimizers.weights.load_learned_optimizer`).
         UnknownComponentError: ``optimizer`` names nothing a loaded plugin registers.
@@ -125,6 +183,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
     Warns:
         UntrainedOptimizerWarning: ``optimizer`` is a name and ``weights`` is ``None``:
             the network has its initial random weights.
+        StepMultiplierWarning: A group's ``lr`` is above 0 and below 0.01 (see
+            :data:`LR_RULE`).
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -151,7 +211,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         del foreach  # see the docstring: there is nothing to switch
         _check_group_value("lr", lr, "the constructor")
         _check_group_value("weight_decay", weight_decay, "the constructor")
-        learned, registered = _resolve_learned_optimizer(optimizer, weights, options, plugin_manager)
+        resolved = _resolve_learned_optimizer(optimizer, weights, options, plugin_manager)
+        learned = resolved.module
         learned.requires_grad_(False)
         learned.eval()
         for weight in learned.parameters():
@@ -159,23 +220,44 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         # Set before super().__init__, which calls add_param_group.
         self.learned_optimizer: nn.Module = learned
         self.coordinatewise: bool = bool(
-            coordinatewise if coordinatewise is not None else registered if registered is not None else True
+            coordinatewise if coordinatewise is not None
+            else resolved.coordinatewise if resolved.coordinatewise is not None else True
         )
+        self.learned_identity: dict[str, Any] = learned_identity(
+            learned, name=resolved.name, options=resolved.options, weights_file=resolved.weights_file)
+        self._own_keys: frozenset[str] | None = None
+        self._warn_each_group = False  # the constructor warns once for all its groups
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        _warn_small_multipliers(self.param_groups)
+        self._warn_each_group = True
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles only defaults, state and groups; without the learned
         # optimizer a copy (copy.deepcopy, multiprocessing) could not step.
         return {**super().__getstate__(), "learned_optimizer": self.learned_optimizer,
-                "coordinatewise": self.coordinatewise}
+                "coordinatewise": self.coordinatewise, "learned_identity": self.learned_identity,
+                "_own_keys": self._own_keys, "_warn_each_group": self._warn_each_group}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, checking its ``lr`` and ``weight_decay`` (see the module docstring)."""
-        super().add_param_group(param_group)
+        """Add a group, checking its parameters, ``lr`` and ``weight_decay`` (see the module docstring)."""
+        super().add_param_group(param_group)  # fills the defaults and checks the parameters
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
-        for key in ("lr", "weight_decay"):
-            _check_group_value(key, group[key], f"param_groups[{index}]")
+        try:
+            for key in ("lr", "weight_decay"):
+                _check_group_value(key, group[key], f"param_groups[{index}]")
+            for position, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise ConfigError(
+                        f"LearnedOptimizerTorch: param_groups[{index}] parameter {position} is complex "
+                        f"({p.dtype}, shape {tuple(p.shape)}); the learned optimizers are meta-trained on "
+                        f"real coordinates: keep a real parameter and use torch.view_as_complex(p) in the model"
+                    )
+        except ConfigError:
+            del self.param_groups[index]  # a refused group leaves the optimizer as it was
+            raise
+        if self._warn_each_group:
+            _warn_small_multipliers([group], first_index=index)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -228,61 +310,144 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                     )
             if self.coordinatewise:
                 for p in active:
-                    if not self.state[p]:
-                        self.state[p] = self._fresh_param_state(p)
+                    if not self._own_state(p):
+                        self.state[p].update(self._fresh_param_state(p))
                 for batch in self._batches(active):
                     self._step_batch(group, batch)
             else:
                 self._step_whole_group(index, group)
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state_dict, plus the learned optimizer's identity under :data:`IDENTITY_KEY`."""
+        state_dict = super().state_dict()
+        state_dict[IDENTITY_KEY] = copy.deepcopy(self.learned_identity)
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping each state tensor's dtype.
 
-        ``torch.optim`` casts floating-point state to its parameter's dtype on load;
-        the learned optimizer's recurrent state lives in its own dtype (float32 next to
-        bfloat16 parameters, say), so it is restored as saved instead, and only moved
-        to the parameter's device.
+        Everything is checked before anything changes, so a refused state_dict leaves
+        the optimizer as it was. ``torch.optim`` casts floating-point state to its
+        parameter's dtype on load; the learned optimizer's recurrent state lives in its
+        own dtype (float32 next to bfloat16 parameters, say), so it is restored as
+        saved instead, and only moved to the parameter's device. Other optimizers' keys
+        (timm's Lookahead) are loaded as ``torch.optim`` loads them.
 
         Raises:
             ValueError: The groups do not match (raised by ``torch.optim``).
             OptimizerStateError: The saved state belongs to another learned optimizer
-                or to parameters of other sizes.
+                (its recorded identity differs, or, without one, its keys) or to
+                parameters of other sizes.
         """
-        super().load_state_dict(state_dict)
+        state_dict = dict(state_dict)
+        saved_identity = state_dict.pop(IDENTITY_KEY, None)
+        if saved_identity is not None:
+            self._check_identity(saved_identity)
         saved_state = state_dict["state"]
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+        saved_groups = state_dict["param_groups"]
+        # Matching layouts only; torch.optim names any other mismatch itself below.
+        if len(saved_groups) == len(self.param_groups) and all(
+            len(saved["params"]) == len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            for index, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+                states = [saved_state.get(param_id) or {} for param_id in saved_group["params"]]
+                self._check_loaded_group(index, group["params"], states, identified=saved_identity is not None)
+        super().load_state_dict(state_dict)
+        own = self._state_keys()
+        for saved_group, group in zip(saved_groups, self.param_groups):
             for param_id, p in zip(saved_group["params"], group["params"]):
-                if param_id in saved_state:
-                    self.state[p] = {
-                        key: value.to(device=p.device) if isinstance(value, Tensor) else value
-                        for key, value in saved_state[param_id].items()
-                    }
-        for index, group in enumerate(self.param_groups):
-            if self.coordinatewise:
-                expected = set(self._fresh_param_state(torch.zeros(1)))
-                for position, p in enumerate(group["params"]):
-                    if self.state.get(p):
-                        self._check_param_state(self.state[p], p, expected,
-                                                f"param_groups[{index}] parameter {position}")
-            else:
-                self._check_group_state(index, group)
+                for key, value in (saved_state.get(param_id) or {}).items():
+                    if key in own:
+                        self.state[p][key] = value.to(device=p.device)
+
+    def _check_identity(self, saved: Any) -> None:
+        mine = self.learned_identity
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("weights_sha256"), str):
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: state_dict[{IDENTITY_KEY!r}] is {saved!r}, not the identity "
+                f"LearnedOptimizerTorch.state_dict() records"
+            )
+        differs = identity_differences(saved, mine)
+        if differs:
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: the state_dict was saved with another learned optimizer "
+                f"({describe_identity(saved)}) than this one ({describe_identity(mine)}; differing: "
+                f"{', '.join(differs)}); recurrent state means nothing to other weights: build this optimizer "
+                f"from the same weights, start its state afresh (timm's train.py: --no-resume-opt), or "
+                f"delete state_dict[{IDENTITY_KEY!r}] to load the state anyway"
+            )
+
+    def _check_loaded_group(self, index: int, params: list[Tensor], states: list[Mapping[str, Any]],
+                            *, identified: bool) -> None:
+        """Check the saved states of one group's parameters against the learned optimizer.
+
+        ``identified``: the state_dict carried a matching identity, so a parameter whose
+        state holds only other optimizers' keys is one the learned optimizer has not
+        stepped yet. Without an identity such a state belongs to another optimizer.
+        """
+        own = self._state_keys()
+        owner = type(self.learned_optimizer).__name__
+        for position, (p, state) in enumerate(zip(params, states)):
+            present = own & set(state)
+            where = f"param_groups[{index}] parameter {position}"
+            carries = self.coordinatewise or position == 0  # where the learned optimizer's state lives
+            if (present and present != own) or (carries and state and not present and not identified):
+                raise OptimizerStateError(
+                    f"LearnedOptimizerTorch: the loaded state of {where} has keys {sorted(state)}, but "
+                    f"{owner} uses {sorted(own)}; the state_dict was saved with another learned "
+                    f"optimizer: load it into a LearnedOptimizerTorch built with the same one"
+                )
+        if self.coordinatewise:
+            for position, (p, state) in enumerate(zip(params, states)):
+                if own & set(state):
+                    self._check_param_state({k: state[k] for k in own}, p,
+                                            f"param_groups[{index}] parameter {position}")
+            return
+        stray = [i for i, state in enumerate(states[1:], 1) if own & set(state)]
+        if stray:
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: param_groups[{index}] has state on parameters {stray}, but "
+                f"{owner} keeps a group's state on its first parameter; the state_dict was saved with "
+                f"coordinatewise=True: load it into an optimizer built the same way"
+            )
+        if not own & set(states[0]):
+            return
+        fresh = self.learned_optimizer.init_state([p.detach() for p in params])
+        found = {k: tuple(states[0][k].shape) for k in fresh if isinstance(states[0][k], Tensor)}
+        expected = {k: tuple(v.shape) for k, v in fresh.items()}
+        if found != expected:
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: the loaded state of param_groups[{index}] has shapes {found}, but "
+                f"{owner} on this group's parameters uses {expected}; the state_dict was saved with another "
+                f"learned optimizer or other parameters"
+            )
+
+    # ------------------------------------------------------------------ state keys
+
+    def _state_keys(self) -> frozenset[str]:
+        """The keys of the learned optimizer's own state: those ``init_state`` makes.
+
+        Any other key in ``self.state[p]`` belongs to another optimizer (timm's
+        Lookahead keeps its slow weights there) and never reaches the learned optimizer.
+        """
+        if self._own_keys is None:
+            self._own_keys = frozenset(self.learned_optimizer.init_state([torch.zeros(1)]))
+        return self._own_keys
+
+    def _own_state(self, p: Tensor) -> dict[str, Tensor]:
+        """The learned optimizer's part of ``self.state[p]``, in its order; empty before its first step."""
+        own = self._state_keys()
+        return {key: value for key, value in self.state[p].items() if key in own}
 
     # ------------------------------------------------------------------ coordinatewise
 
     def _fresh_param_state(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.learned_optimizer.init_state([p.detach()])
-        self._check_param_state(state, p, None, f"init_state() for a parameter of shape {tuple(p.shape)}")
-        return dict(state)
+        state = dict(self.learned_optimizer.init_state([p.detach()]))
+        self._check_param_state(state, p, f"init_state() for a parameter of shape {tuple(p.shape)}")
+        return state
 
-    def _check_param_state(self, state: Mapping[str, Any], p: Tensor, expected: set[str] | None,
-                           where: str) -> None:
+    def _check_param_state(self, state: Mapping[str, Any], p: Tensor, where: str) -> None:
         owner = type(self.learned_optimizer).__name__
-        if expected is not None and set(state) != expected:
-            raise OptimizerStateError(
-                f"LearnedOptimizerTorch: the loaded state of {where} has keys {sorted(state)}, but "
-                f"{owner} uses {sorted(expected)}; the state_dict was saved with another learned "
-                f"optimizer: load it into a LearnedOptimizerTorch built with the same one"
-            )
         for key, value in state.items():
             if not isinstance(value, Tensor) or not (value.dim() == 0 or value.shape[0] == p.numel()):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -300,7 +465,7 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             by_device[p.device].append(p)
         batches = []
         for params in by_device.values():
-            scalar_keys = [k for k, v in self.state[params[0]].items() if v.dim() == 0]
+            scalar_keys = [k for k, v in self._own_state(params[0]).items() if v.dim() == 0]
             # One host sync per key, not one per parameter.
             columns = [torch.stack([self.state[p][k] for p in params]).tolist() for k in scalar_keys]
             groups: dict[tuple[Any, ...], list[Tensor]] = {}
@@ -310,10 +475,9 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         return batches
 
     def _step_batch(self, group: Mapping[str, Any], batch: list[Tensor]) -> None:
-        first = self.state[batch[0]]
         state = {
             key: value if value.dim() == 0 else torch.cat([self.state[p][key] for p in batch])
-            for key, value in first.items()
+            for key, value in self._own_state(batch[0]).items()
         }
         new_params, new_state = self._call_learned(group, batch, [p.grad for p in batch], state)
         sizes = [p.numel() for p in batch]
@@ -326,7 +490,7 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             for slot, piece in zip(per_param, pieces):
                 slot[key] = piece.clone()
         for p, new, slot in zip(batch, new_params, per_param):
-            self.state[p] = slot
+            self.state[p].update(slot)  # other optimizers' keys stay as they are
             _apply(p, new, group["lr"])
 
     # ------------------------------------------------------------------ whole groups
@@ -341,39 +505,23 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                 f"batch: put each device's parameters in a group of their own"
             )
         owner = params[0]
-        if not self.state[owner]:
-            self.state[owner] = dict(self.learned_optimizer.init_state([p.detach() for p in params]))
+        if not self._own_state(owner):
+            fresh = dict(self.learned_optimizer.init_state([p.detach() for p in params]))
+            if set(fresh) != self._state_keys():
+                raise OptimizerStateError(
+                    f"LearnedOptimizerTorch: {type(self.learned_optimizer).__name__}.init_state() makes keys "
+                    f"{sorted(fresh)} for param_groups[{index}] but {sorted(self._state_keys())} for one "
+                    f"coordinate; the keys of a learned optimizer's state must not depend on the parameters"
+                )
+            self.state[owner].update(fresh)
         # The state covers every coordinate of the group, so every parameter takes part;
         # one without a gradient is fed zeros and keeps its values.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        new_params, new_state = self._call_learned(group, params, grads, self.state[owner])
-        self.state[owner] = dict(new_state)
+        new_params, new_state = self._call_learned(group, params, grads, self._own_state(owner))
+        self.state[owner].update(new_state)
         for p, new in zip(params, new_params):
             if p.grad is not None:
                 _apply(p, new, group["lr"])
-
-    def _check_group_state(self, index: int, group: Mapping[str, Any]) -> None:
-        params = group["params"]
-        stray = [i for i, p in enumerate(params[1:], 1) if self.state.get(p)]
-        saved = self.state.get(params[0])
-        owner = type(self.learned_optimizer).__name__
-        if stray:
-            raise OptimizerStateError(
-                f"LearnedOptimizerTorch: param_groups[{index}] has state on parameters {stray}, but "
-                f"{owner} keeps a group's state on its first parameter; the state_dict was saved with "
-                f"coordinatewise=True: load it into an optimizer built the same way"
-            )
-        if not saved:
-            return
-        fresh = self.learned_optimizer.init_state([p.detach() for p in params])
-        found = {k: tuple(v.shape) for k, v in saved.items()}
-        expected = {k: tuple(v.shape) for k, v in fresh.items()}
-        if found != expected:
-            raise OptimizerStateError(
-                f"LearnedOptimizerTorch: the loaded state of param_groups[{index}] has shapes {found}, but "
-                f"{owner} on this group's parameters uses {expected}; the state_dict was saved with another "
-                f"learned optimizer or other parameters"
-            )
 
     # ------------------------------------------------------------------ shared
 
@@ -452,13 +600,29 @@ def _check_group_value(key: str, value: Any, where: str) -> None:
         )
 
 
+def _warn_small_multipliers(groups: Sequence[Mapping[str, Any]], first_index: int = 0) -> None:
+    small = {f"param_groups[{i}]": g["lr"] for i, g in enumerate(groups, first_index)
+             if 0 < g["lr"] < _SMALLEST_MULTIPLIER}
+    if small:
+        where = ", ".join(f"{k} lr={v:g}" for k, v in small.items())
+        warnings.warn(f"LearnedOptimizerTorch: {where}: {LR_RULE}", StepMultiplierWarning, stacklevel=4)
+
+
+class _Resolved(NamedTuple):
+    module: nn.Module
+    coordinatewise: bool | None  # from the registration, if the optimizer is registered
+    name: str | None  # the registered name, if known
+    options: dict[str, Any] | None  # the factory's options, if known
+    weights_file: str | None
+
+
 def _resolve_learned_optimizer(
     optimizer: nn.Module | str | None,
     weights: str | os.PathLike[str] | None,
     options: Mapping[str, Any] | None,
     plugin_manager: Any,
-) -> tuple[nn.Module, bool | None]:
-    """The learned optimizer to use, and its registered ``coordinatewise`` flag if known."""
+) -> _Resolved:
+    """The learned optimizer to use, with what the registry knows about it."""
     from ..manager import get_plugin_manager  # import late: the manager imports the zoo
     from ..optimizers.weights import load_learned_optimizer, read_learned_optimizer_config
 
@@ -485,14 +649,16 @@ def _resolve_learned_optimizer(
                 f"LearnedOptimizerTorch: options={dict(options)} with weights={os.fspath(weights)!r}; "
                 f"a weights file records the options it was built with: drop options="
             )
-        recorded = read_learned_optimizer_config(weights)["optimizer"]
+        config = read_learned_optimizer_config(weights)
+        recorded = config["optimizer"]
         if isinstance(optimizer, str) and recorded != optimizer:
             raise ConfigError(
                 f"LearnedOptimizerTorch: optimizer={optimizer!r} but the weights file "
                 f"{os.fspath(weights)} holds a {recorded!r}; pass optimizer={recorded!r} or leave it out"
             )
         module = load_learned_optimizer(weights, plugin_manager=pm)
-        registered: bool | None = registry.get(recorded).coordinatewise
+        resolved = _Resolved(module, registry.get(recorded).coordinatewise, recorded, config["options"],
+                             str(os.path.abspath(weights)))
     elif isinstance(optimizer, nn.Module):
         if options:
             raise ConfigError(
@@ -500,7 +666,10 @@ def _resolve_learned_optimizer(
                 "is already built"
             )
         module = copy.deepcopy(optimizer)
-        registered = _registered_flag(registry, module)
+        # Its class may be registered under several names with other options: name and
+        # options stay unknown, class and weights identify it.
+        info = _registration_of(registry, module)
+        resolved = _Resolved(module, info.coordinatewise if info else None, None, None, None)
     else:
         assert isinstance(optimizer, str)
         info = registry.get(optimizer, failed_plugins=pm.failures)
@@ -510,7 +679,7 @@ def _resolve_learned_optimizer(
             raise  # already names the optimizer and the option
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"optimizer {optimizer!r} (from plugin {registry.provider(optimizer)!r}): {exc}") from exc
-        registered = info.coordinatewise
+        resolved = _Resolved(module, info.coordinatewise, optimizer, dict(options or {}), None)
         warnings.warn(
             f"LearnedOptimizerTorch: {optimizer!r} was built with its initial random weights; pass "
             f"weights= a file from save_learned_optimizer() to use a meta-trained one",
@@ -523,12 +692,12 @@ def _resolve_learned_optimizer(
                 f"LearnedOptimizerTorch: {type(module).__name__} has no {method}(); a learned "
                 f"optimizer needs init_state(params) and step(params, grads, state)"
             )
-    return module, registered
+    return resolved
 
 
-def _registered_flag(registry: Any, module: nn.Module) -> bool | None:
-    """``coordinatewise`` of the registration whose factory is the module's class (or a base)."""
+def _registration_of(registry: Any, module: nn.Module) -> Any:
+    """The registration whose factory is the module's class (or a base), or ``None``."""
     matches = [info for info in registry if isinstance(info.factory, type) and isinstance(module, info.factory)]
     exact = [info for info in matches if type(module) is info.factory]
     chosen = exact or matches
-    return chosen[0].coordinatewise if chosen else None
+    return chosen[0] if chosen else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,29 +16,17 @@ from torch import Tensor, nn
 from flat_l2o_plugin import OptimizerInfo, create_optimizer, create_task, get_plugin_manager, hookimpl
 from flat_l2o_plugin.errors import ConfigError, FlatL2OError, UnknownComponentError
 from flat_l2o_plugin.integrations.torch_optim import (
+    IDENTITY_KEY,
+    LR_RULE,
     LearnedOptimizerTorch,
     OptimizerStateError,
+    StepMultiplierWarning,
     UntrainedOptimizerWarning,
 )
 from flat_l2o_plugin.optimizers.weights import save_learned_optimizer
 from flat_l2o_plugin.tasks import load_dataset
-from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer, train_with_learned_optimizer
+from flat_l2o_plugin.training import train_with_learned_optimizer
 from flat_l2o_plugin.training.evaluate import batch_generator
-
-
-@pytest.fixture(scope="module")
-def meta_trained() -> nn.Module:
-    """RNNProp meta-trained for 30 short unrolls on the digits MLP (about a second)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    learned = create_optimizer("rnnprop")
-    task = create_task("mlp_digits")
-    config = MetaTrainConfig(meta_steps=30, unroll=10, horizon=50, meta_lr=1e-2, val_every=0, seed=0)
-    MetaTrainer(learned, lambda gen: (task, int(torch.randint(1000, 10**6, (1,), generator=gen))),
-                config=config).train()
-    torch.set_num_threads(previous)
-    return learned.eval()
 
 
 def _mlp(seed: int = 0, hidden: int = 32, activation: nn.Module | None = None) -> nn.Module:
@@ -451,10 +440,14 @@ def test_an_unregistered_pooling_optimizer_needs_coordinatewise_false() -> None:
     opt = LearnedOptimizerTorch(model.parameters(), _GlobalRMS(), coordinatewise=False, plugin_manager=pm)
     _train(model, opt, _digits_batches(1))
 
-    coordinatewise_state = LearnedOptimizerTorch(model.parameters(), create_optimizer("rnnprop"))
+    rnnprop = create_optimizer("rnnprop")
+    coordinatewise_state = LearnedOptimizerTorch(model.parameters(), rnnprop)
     _train(model, coordinatewise_state, _digits_batches(1))
-    with pytest.raises(OptimizerStateError, match="keeps a group's state on its first parameter"):
+    with pytest.raises(OptimizerStateError, match="saved with another learned optimizer"):
         opt.load_state_dict(coordinatewise_state.state_dict())
+    whole_groups = LearnedOptimizerTorch(model.parameters(), rnnprop, coordinatewise=False)
+    with pytest.raises(OptimizerStateError, match="keeps a group's state on its first parameter"):
+        whole_groups.load_state_dict(coordinatewise_state.state_dict())
 
 
 def test_registered_l2o_scale_matches_direct_calls() -> None:
@@ -477,3 +470,144 @@ def test_registered_l2o_scale_matches_direct_calls() -> None:
             params, state = learned.step(params, grads, state)
     for p, expected in zip(model.parameters(), params):
         assert torch.equal(p, expected)
+
+
+# ---------------------------------------------------------------------- identity of the state
+
+
+def test_state_dict_records_the_learned_optimizer_and_refuses_other_weights(
+        tmp_path: Path, meta_trained: nn.Module) -> None:
+    path = save_learned_optimizer(tmp_path / "rnnprop.safetensors", meta_trained, name="rnnprop")
+    model = _mlp()
+    opt = LearnedOptimizerTorch(model.parameters(), weights=path)
+    _train(model, opt, _digits_batches(2))
+    saved = copy.deepcopy(opt.state_dict())
+    identity = saved[IDENTITY_KEY]
+    assert identity["optimizer"] == "rnnprop" and identity["weights_file"] == str(path)
+    assert identity["class"] == "flat_l2o_plugin.optimizers.rnnprop.RNNProp"
+    assert identity["options"]["hidden_size"] == meta_trained.hidden_size
+    assert len(identity["weights_sha256"]) == 64
+
+    # The same weights, as a module (name and options unknown): accepted.
+    same = LearnedOptimizerTorch(_mlp().parameters(), meta_trained)
+    assert same.learned_identity["optimizer"] is None
+    assert same.learned_identity["weights_sha256"] == identity["weights_sha256"]
+    same.load_state_dict(copy.deepcopy(saved))
+
+    # One weight nudged: refused, naming both, and nothing changes.
+    nudged = copy.deepcopy(meta_trained)
+    with torch.no_grad():
+        next(nudged.parameters()).view(-1)[0] += 1e-6
+    other_model = _mlp()
+    other = LearnedOptimizerTorch(other_model.parameters(), nudged)
+    _train(other_model, other, _digits_batches(1))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(OptimizerStateError, match=r"saved with another learned optimizer \('rnnprop', weights "
+                                                  r"sha256 \w{12} from .*rnnprop.safetensors\).*weights_sha256"):
+        other.load_state_dict(copy.deepcopy(saved))
+    _assert_same_state_dict(other.state_dict(), before)
+
+    # Deleting the identity loads the state anyway (checked by keys and sizes only).
+    del saved[IDENTITY_KEY]
+    other.load_state_dict(saved)
+    with pytest.raises(OptimizerStateError, match="not the identity"):
+        other.load_state_dict({**opt.state_dict(), IDENTITY_KEY: "rnnprop"})
+
+
+def _assert_same_state_dict(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"] and a[IDENTITY_KEY] == b[IDENTITY_KEY]
+    assert a["state"].keys() == b["state"].keys()
+    for index in a["state"]:
+        assert a["state"][index].keys() == b["state"][index].keys()
+        assert all(torch.equal(a["state"][index][k], b["state"][index][k]) for k in a["state"][index])
+
+
+def test_state_without_identity_from_another_optimizer_is_refused_before_anything_changes(
+        meta_trained: nn.Module) -> None:
+    model = _mlp()
+    adam = torch.optim.Adam(model.parameters())
+    _train(model, adam, _digits_batches(1))
+    opt = LearnedOptimizerTorch(model.parameters(), meta_trained)
+    _train(model, opt, _digits_batches(1))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(OptimizerStateError, match="has keys \\['exp_avg', 'exp_avg_sq', 'step'\\].*saved with "
+                                                  "another learned optimizer"):
+        opt.load_state_dict(adam.state_dict())
+    _assert_same_state_dict(opt.state_dict(), before)
+
+
+# ---------------------------------------------------------------------- other optimizers' keys
+
+
+def test_other_optimizers_keys_in_the_state_are_kept_apart(meta_trained: nn.Module) -> None:
+    batches = _digits_batches(6)
+    model, plain_model = _mlp(), _mlp()
+    opt = LearnedOptimizerTorch(model.parameters(), meta_trained)
+    plain = LearnedOptimizerTorch(plain_model.parameters(), meta_trained)
+    _train(model, opt, batches[:2])
+    _train(plain_model, plain, batches[:2])
+    # As timm's Lookahead does: a tensor of another optimizer in each parameter's state.
+    for p in model.parameters():
+        opt.state[p]["slow_weights"] = p.detach().clone()
+    marks = [opt.state[p]["slow_weights"] for p in model.parameters()]
+    _train(model, opt, batches[2:4])
+    _train(plain_model, plain, batches[2:4])
+    _assert_same_params(model, plain_model)
+    assert all(opt.state[p]["slow_weights"] is mark for p, mark in zip(model.parameters(), marks))
+
+    resumed_model = copy.deepcopy(model)
+    resumed = LearnedOptimizerTorch(resumed_model.parameters(), meta_trained)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(torch.equal(resumed.state[q]["slow_weights"], opt.state[p]["slow_weights"])
+               for p, q in zip(model.parameters(), resumed_model.parameters()))
+    _train(resumed_model, resumed, batches[4:])
+    _train(plain_model, plain, batches[4:])
+    _assert_same_params(resumed_model, plain_model)
+
+
+def test_a_parameter_with_only_other_keys_gets_fresh_learned_state(meta_trained: nn.Module) -> None:
+    model = _mlp()
+    opt = LearnedOptimizerTorch(model.parameters(), meta_trained)
+    first = next(model.parameters())
+    opt.state[first]["slow_weights"] = first.detach().clone()  # before the learned optimizer's first step
+    _train(model, opt, _digits_batches(1))
+    assert set(opt.state[first]) == set(meta_trained.init_state([torch.zeros(1)])) | {"slow_weights"}
+    assert int(opt.state[first]["step"]) == 1
+
+
+# ---------------------------------------------------------------------- refused and warned
+
+
+def test_complex_parameters_are_refused(meta_trained: nn.Module) -> None:
+    z = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ConfigError, match=r"param_groups\[0\] parameter 1 is complex \(torch.complex64, "
+                                          r"shape \(3,\)\).*view_as_complex"):
+        LearnedOptimizerTorch([nn.Parameter(torch.zeros(2)), z], meta_trained)
+    opt = LearnedOptimizerTorch([nn.Parameter(torch.zeros(2))], meta_trained)
+    with pytest.raises(ConfigError, match=r"param_groups\[1\] parameter 0 is complex"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1  # the refused group is not left behind
+    with pytest.raises(ConfigError, match=r"param_groups\[1\]: lr must be a finite number"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_an_lr_that_is_a_learning_rate_warns_with_the_rule(meta_trained: nn.Module) -> None:
+    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
+    with pytest.warns(StepMultiplierWarning) as caught:
+        opt = LearnedOptimizerTorch([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], meta_trained,
+                                    lr=0.003125)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "param_groups[0] lr=0.003125" in message and "param_groups[1]" not in message and LR_RULE in message
+    with pytest.warns(StepMultiplierWarning, match=r"param_groups\[2\] lr=0.001"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 1e-3})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepMultiplierWarning)
+        for lr in (0.0, 0.01, 0.1, 1.0, 3.0):  # 0 freezes a group on purpose
+            opt = LearnedOptimizerTorch([nn.Parameter(torch.zeros(2))], meta_trained, lr=lr)
+        # A schedule that anneals lr towards 0 is not a mistake: steps never warn.
+        opt.param_groups[0]["lr"] = 1e-4
+        opt.param_groups[0]["params"][0].grad = torch.ones(2)
+        opt.step()
