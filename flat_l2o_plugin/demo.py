@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ._extras import import_extra
 from .training.experiment import EVAL_SEEDS_START, VAL_SEEDS_START, evaluate, meta_train, run_jobs
 
 __all__ = ["DemoConfig", "run_demo", "format_table"]
@@ -72,10 +73,17 @@ def _task(name: str) -> tuple[str, dict[str, Any]]:
     return "mlp_digits", HELD_OUT_TASKS[name]
 
 
+# The digits data (scikit-learn), the confidence intervals (SciPy) and the plot.
+_NEEDS = ("sklearn", "scipy.stats", "matplotlib")
+
+
 def run_demo(out_dir: str | os.PathLike[str] = "runs/demo", *, config: DemoConfig | None = None,
              progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo and write ``results.json``, ``table.txt`` and ``curves.png`` into ``out_dir``."""
     cfg = config or DemoConfig()
+    # Checked before minutes of meta-training, not when the table or the plot is due.
+    for module in _NEEDS:
+        import_extra(module, "data,plot", "flat-l2o demo")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -177,7 +185,7 @@ def paired_differences(evaluations: list[dict[str, Any]], *, baseline: str, trea
     Returns per task: the mean difference, its 95% confidence interval (Student t), the
     number of pairs and how many the treatment wins.
     """
-    from scipy import stats
+    stats = import_extra("scipy.stats", "data", "paired_differences")
 
     out = []
     for task in HELD_OUT_TASKS:
@@ -223,8 +231,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_curves(evaluations: list[dict[str, Any]], path: Path) -> None:
     """Mean train loss and test accuracy against optimizee steps, per task and optimizer."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "plot", "plot_curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -16,6 +16,7 @@ __all__ = [
     "UnknownComponentError",
     "DisabledComponentError",
     "ConfigError",
+    "MissingExtraError",
     "PluginLoadWarning",
     "UnregisteredParametersWarning",
 ]
@@ -54,6 +55,15 @@ class DisabledComponentError(UnknownComponentError):
 
 class ConfigError(FlatL2OError, ValueError):
     """A configuration value is missing, of the wrong type, or out of range."""
+
+
+class MissingExtraError(FlatL2OError, ImportError):
+    """A feature needs a package of an optional extra that is not installed.
+
+    The message names the feature, the missing module and the command that installs
+    the extra (``pip install 'flat-l2o-plugin[timm]'``). It is an ``ImportError`` too,
+    so code that already falls back on a failed import keeps working.
+    """
 
 
 class PluginLoadWarning(UserWarning):

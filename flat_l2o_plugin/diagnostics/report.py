@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .._extras import import_extra
 from ..errors import ConfigError
 from ..protocols import LossFn, Params, Task
 from ..regularizers import HessianTrace, LocalEntropy, hessian_eigenpairs
@@ -288,6 +289,7 @@ def plot_density(report: FlatnessReport, path: str | os.PathLike[str]) -> Path:
         The path written.
     """
     # The Agg canvas directly, not pyplot: no global backend switch in the caller's process.
+    import_extra("matplotlib", "plot", "plot_density")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -36,12 +36,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from timm.optim._optim_factory import OptimInfo, OptimizerRegistry, default_registry
 from torch import nn
 
+from .._extras import import_extra
 from ..errors import ConfigError
 from ..optimizers.weights import read_learned_optimizer_config
 from .torch_optim import LearnedOptimizerTorch
+
+import_extra("timm.optim", "timm", "flat_l2o_plugin.integrations.timm")
+from timm.optim._optim_factory import OptimInfo, OptimizerRegistry, default_registry  # noqa: E402
 
 __all__ = ["TimmRegistrationError", "register_with_timm"]
 

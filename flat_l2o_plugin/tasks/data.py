@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._extras import import_extra
 from ..errors import ConfigError
 
 __all__ = [
@@ -154,10 +155,10 @@ def pack(x: Any, y: Any) -> tuple[Tensor, Tensor]:
 
 @lru_cache(maxsize=None)
 def _digits() -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    datasets = import_extra("sklearn.datasets", "data", "dataset 'digits'")
+    train_test_split = import_extra("sklearn.model_selection", "data", "dataset 'digits'").train_test_split
 
-    x, y = load_digits(return_X_y=True)
+    x, y = datasets.load_digits(return_X_y=True)
     x = x / 16.0  # pixel intensities 0..16 -> [0, 1]
     # 1797 images: 1000 train, 397 validation, 400 test; stratified, fixed forever.
     x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=400, stratify=y, random_state=0)

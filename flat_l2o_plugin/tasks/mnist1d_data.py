@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._extras import import_extra
 from ..errors import ConfigError
 from .data import DataFormatError, Dataset, carve_validation, pack, take_train_samples
 
@@ -65,15 +66,15 @@ def _build(train_samples: int, seed: int) -> Dataset:
 
 @lru_cache(maxsize=None)
 def _generate(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from mnist1d.data import get_dataset_args, make_dataset
+    mnist1d = import_extra("mnist1d.data", "data", "dataset 'mnist1d'")
 
-    args = get_dataset_args()
+    args = mnist1d.get_dataset_args()
     args.seed = seed
     # make_dataset reseeds Python's and NumPy's global generators; put them back so that
     # building a dataset never changes what the rest of the program draws.
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        generated = make_dataset(args)
+        generated = mnist1d.make_dataset(args)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)

@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._extras import import_extra
 from ..errors import ConfigError
 from ..protocols import Params
 from .base import ClassificationTask
@@ -92,7 +93,7 @@ class TimmTask(ClassificationTask):
                  dataset: str = "synthetic_images", batch_size: int = 32, *,
                  dataset_options: Mapping[str, Any] | None = None, train_subset: int | None = None,
                  train_subset_seed: int = 0, eval_batch_size: int = 256) -> None:
-        import timm
+        timm = import_extra("timm", "timm", "TimmTask")
 
         if not isinstance(model, str) or not timm.is_model(model):
             close = difflib.get_close_matches(str(model), timm.list_models(), n=3)
@@ -123,7 +124,7 @@ class TimmTask(ClassificationTask):
         Its parameters equal ``init_params(seed)``. The global random state is left as
         it was: the initialization draws from a forked generator.
         """
-        import timm
+        timm = import_extra("timm", "timm", "TimmTask")
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))

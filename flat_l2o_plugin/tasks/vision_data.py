@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._extras import import_extra
 from .data import DataFormatError, Dataset, MissingDataError, carve_validation, take_train_samples
 
 __all__ = [
@@ -136,7 +137,7 @@ def load_mnist(root: str | os.PathLike[str] | None = None, val_size: int = 5000,
 def _mnist(root: Path, val_size: int, train_samples: int | None) -> Dataset:
     _check_files(root, "mnist", MNIST_FOLDER, MNIST_FILES,
                  "They are the four files of the MNIST distribution, decompressed.")
-    from torchvision.datasets import MNIST
+    MNIST = import_extra("torchvision.datasets", "data", "dataset 'mnist'").MNIST  # noqa: N806 - a class
 
     parts = []
     for train in (True, False):

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from .._extras import import_extra
 from ..errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
 
@@ -63,6 +64,7 @@ def plot_metrics(path: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         >>> plot_metrics("runs/exp1")  # runs/exp1/metrics.png
     """
     # The Agg canvas directly, not pyplot: no global backend switch in the caller's process.
+    import_extra("matplotlib", "plot", "plot_metrics")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
