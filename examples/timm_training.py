@@ -5,7 +5,9 @@ namespace, the optimizer comes from ``create_optimizer_v2(model, **optimizer_kwa
 and the schedule from ``create_scheduler_v2(optimizer, **scheduler_kwargs(args))``. The
 only addition is one call, ``register_with_timm``, after which ``--opt l2o-rnnprop``
 means our learned optimizer. ``--lr`` is then a multiplier on the learned update
-(1.0 = as meta-trained), so the cosine schedule anneals the learned steps.
+(1.0 = as meta-trained), so the cosine schedule anneals the learned steps. timm's own
+``train.py`` needs no such call: ``--device-modules flat_l2o_plugin.integrations.timm_train``
+registers every installed learned optimizer (see that module).
 
 The data are generated (ten faint coarse patterns under unit noise, 32x32), so nothing
 is downloaded.

@@ -3,7 +3,9 @@
 Each integration lives in its own module and imports its host library (timm,
 learn2learn) only when used, so importing this package imports none of them:
 ``from flat_l2o_plugin.integrations import register_with_timm`` loads timm at that
-moment, not before.
+moment, not before. Without timm installed that import names the extra to install.
+``flat_l2o_plugin.integrations.timm_train`` is imported for its effect, not its names:
+it registers every installed learned optimizer in timm (for timm's ``train.py``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Any
 _EXPORTS = {
     "LearnedOptimizerTorch": "torch_optim",
     "OptimizerStateError": "torch_optim",
+    "StepMultiplierWarning": "torch_optim",
     "UntrainedOptimizerWarning": "torch_optim",
     "TimmRegistrationError": "timm",
+    "register_installed_with_timm": "timm",
     "register_with_timm": "timm",
+    "timm_name": "timm",
     "FlatnessLearnableOptimizer": "learn2learn",
     "flatness_penalty": "learn2learn",
 }

@@ -9,19 +9,27 @@ script's ``--opt`` included::
 
     optimizer = timm.optim.create_optimizer_v2(model, "l2o-rnnprop", lr=1.0, weight_decay=1e-4)
 
+:func:`register_installed_with_timm` registers every installed learned optimizer at
+once, under :func:`timm_name` (``rnnprop`` as ``l2o-rnnprop``), taking the weights file
+from the ``weights`` keyword at creation; :mod:`.timm_train` does that for timm's
+``train.py`` without editing it (``--opt-kwargs weights=FILE``).
+
 What timm's arguments mean for a learned optimizer (it builds a
 :class:`~flat_l2o_plugin.integrations.torch_optim.LearnedOptimizerTorch`):
 
 - ``lr`` multiplies the learned update: 1.0 (the default when ``lr`` is ``None``)
   applies it as meta-trained, smaller values shrink every step. timm's schedulers set
   each group's ``lr`` (times its ``lr_scale`` under layer decay), so a warm-up or a
-  cosine schedule anneals the learned steps. Learning rates tuned for SGD or AdamW
-  (0.1, 1e-3) are not meaningful here: start from 1.0.
+  cosine schedule anneals the learned steps. How to choose it:
+  :data:`~flat_l2o_plugin.integrations.torch_optim.LR_RULE`.
 - ``weight_decay`` is an L2 coefficient added to the gradient the learned optimizer
   sees. With a model, timm puts biases and norm weights in a group with
   ``weight_decay=0`` (``filter_bias_and_bn``), which is honoured per group.
 - ``momentum``, ``eps`` and ``betas`` do not apply; the registration says so
   (``has_momentum``, ``has_eps``, ``has_betas`` are false), so timm drops them.
+
+- ``lookahead_<name>`` wraps it in timm's ``Lookahead``, which keeps its slow weights
+  in the optimizer's state next to the learned optimizer's (see the torch_optim module).
 
 Names may not contain ``_``: ``create_optimizer_v2`` reads ``"a_b"`` as optimizer ``b``
 with the prefix ``a`` (``lookahead_adam``), so ``"l2o_rnnprop"`` would look up
@@ -32,8 +40,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -46,7 +55,7 @@ from .torch_optim import LearnedOptimizerTorch
 import_extra("timm.optim", "timm", "flat_l2o_plugin.integrations.timm")
 from timm.optim._optim_factory import OptimInfo, OptimizerRegistry, default_registry  # noqa: E402
 
-__all__ = ["TimmRegistrationError", "register_with_timm"]
+__all__ = ["TimmRegistrationError", "register_installed_with_timm", "register_with_timm", "timm_name"]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
 
@@ -150,3 +159,97 @@ def _describe(info: OptimInfo) -> str:
     cls = info.opt_class if isinstance(info.opt_class, str) else getattr(info.opt_class, "__name__", info.opt_class)
     return f"class {cls}, defaults {info.defaults}"
 
+
+
+def timm_name(name: str) -> str:
+    """The name under which :func:`register_installed_with_timm` registers ``name``.
+
+    ``l2o-`` and the name in lower case with ``-`` for ``_`` (timm reads ``_`` as a
+    prefix separator); a name that already starts with ``l2o`` is not prefixed twice.
+
+    Example:
+        >>> timm_name("rnnprop"), timm_name("l2o_dm"), timm_name("learned_correction")
+        ('l2o-rnnprop', 'l2o-dm', 'l2o-learned-correction')
+    """
+    dashed = name.lower().replace("_", "-")
+    return dashed if dashed == "l2o" or dashed.startswith("l2o-") else f"l2o-{dashed}"
+
+
+def register_installed_with_timm(
+    *,
+    registry: OptimizerRegistry | None = None,
+    plugin_manager: Any = None,
+) -> dict[str, OptimInfo]:
+    """Register every installed learned optimizer in timm, each built from a weights file.
+
+    The learned optimizer registered as ``name`` (by this package or any plugin) becomes
+    timm's :func:`timm_name` ``(name)``. Creating one takes the weights file from the
+    ``weights`` keyword, which is what timm's ``train.py`` passes for
+    ``--opt-kwargs weights=FILE``; without it creation raises instead of training with
+    an untrained network. The file must hold that optimizer (its config says which).
+
+    A name that timm already has is never replaced: a learned optimizer registered
+    under it (by :func:`register_with_timm`, say) is kept as it is, and one of timm's
+    own is kept with a warning. Calling this again does nothing new.
+
+    Args:
+        registry: The timm registry; timm's ``default_registry`` by default.
+        plugin_manager: The manager whose registry lists the learned optimizers, also
+            used to build them; a fresh :func:`~flat_l2o_plugin.get_plugin_manager`
+            by default.
+
+    Returns:
+        timm name -> ``OptimInfo`` for each learned optimizer registered by this call
+        or by an earlier one.
+
+    Example:
+        >>> register_installed_with_timm()["l2o-rnnprop"].name
+        'l2o-rnnprop'
+        >>> timm.optim.create_optimizer_v2(model, "l2o-rnnprop", lr=0.1, weights="rnnprop.safetensors")
+    """
+    from ..manager import get_plugin_manager
+
+    registry = default_registry if registry is None else registry
+    pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+    registered: dict[str, OptimInfo] = {}
+    for name in pm.components.optimizers.names():
+        tname = timm_name(name)
+        defaults: dict[str, Any] = {"optimizer": name, "timm_name": tname}
+        if plugin_manager is not None:
+            defaults["plugin_manager"] = plugin_manager
+        info = OptimInfo(
+            name=tname,
+            opt_class=_from_weights,
+            description=(f"flat-l2o-plugin learned optimizer {name!r}, from the file given as weights= "
+                         f"(train.py: --opt-kwargs weights=FILE); lr multiplies the learned update"),
+            has_eps=False,
+            has_momentum=False,
+            has_betas=False,
+            defaults=defaults,
+        )
+        if not _NAME.fullmatch(tname):
+            warnings.warn(f"register_installed_with_timm: learned optimizer {name!r} is not registered in timm: "
+                          f"{tname!r} is not a name timm can select", stacklevel=2)
+            continue
+        if tname in registry.list_optimizers():
+            existing = registry.get_optimizer_info(tname)
+            if existing == info:
+                registered[tname] = existing
+            elif existing.opt_class not in (LearnedOptimizerTorch, _from_weights):
+                warnings.warn(f"register_installed_with_timm: timm's own optimizer {tname!r} is kept; learned "
+                              f"optimizer {name!r} is not registered under that name", stacklevel=2)
+            continue
+        registry.register(info)
+        registered[tname] = info
+    return registered
+
+
+def _from_weights(params: Iterable[Any], optimizer: str, *, timm_name: str,
+                  weights: str | os.PathLike[str] | None = None, **kwargs: Any) -> LearnedOptimizerTorch:
+    """The creator timm calls for a :func:`register_installed_with_timm` name."""
+    if weights is None:
+        raise ConfigError(
+            f"timm optimizer {timm_name!r} needs a meta-trained weights file holding a {optimizer!r}: "
+            f"pass weights=FILE (train.py: --opt-kwargs weights=FILE), FILE from save_learned_optimizer()"
+        )
+    return LearnedOptimizerTorch(params, optimizer, weights=weights, **kwargs)

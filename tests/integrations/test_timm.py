@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,15 +12,20 @@ import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
-from timm.optim._optim_factory import OptimizerRegistry, default_registry
+from timm.optim import Lookahead
+from timm.optim._optim_factory import OptimInfo, OptimizerRegistry, default_registry
 from torch import Tensor, nn
 
-from flat_l2o_plugin import create_optimizer, create_task
+from flat_l2o_plugin import create_optimizer
 from flat_l2o_plugin.errors import ConfigError
-from flat_l2o_plugin.integrations.timm import TimmRegistrationError, register_with_timm
+from flat_l2o_plugin.integrations.timm import (
+    TimmRegistrationError,
+    register_installed_with_timm,
+    register_with_timm,
+    timm_name,
+)
 from flat_l2o_plugin.integrations.torch_optim import LearnedOptimizerTorch, UntrainedOptimizerWarning
 from flat_l2o_plugin.optimizers.weights import WeightsError, save_learned_optimizer
-from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer
 
 
 @pytest.fixture(autouse=True)
@@ -26,21 +33,6 @@ def _restore_timm_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     # timm's registry is process-global and has no way to unregister: each test works
     # on a copy of its table, so no registration leaks into other tests.
     monkeypatch.setattr(default_registry, "_optimizers", dict(default_registry._optimizers))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RNNProp meta-trained for 30 short unrolls on the digits MLP, saved to a file."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    learned = create_optimizer("rnnprop")
-    task = create_task("mlp_digits")
-    config = MetaTrainConfig(meta_steps=30, unroll=10, horizon=50, meta_lr=1e-2, val_every=0, seed=0)
-    MetaTrainer(learned, lambda gen: (task, int(torch.randint(1000, 10**6, (1,), generator=gen))),
-                config=config).train()
-    torch.set_num_threads(previous)
-    return save_learned_optimizer(tmp_path_factory.mktemp("weights") / "rnnprop.safetensors", learned, name="rnnprop")
 
 
 def _tiny_convnext() -> nn.Module:
@@ -154,3 +146,101 @@ def test_a_separate_registry_and_a_named_untrained_optimizer() -> None:
         optimizer = registry.create_optimizer(_tiny_convnext(), "l2o-dm-small", lr=0.5)
     assert optimizer.learned_optimizer.hidden_size == 4
     assert "l2o-dm-small" not in timm.optim.list_optimizers()
+
+
+# ---------------------------------------------------------------------- every installed optimizer
+
+
+def test_timm_names_of_learned_optimizers() -> None:
+    assert [timm_name(n) for n in ("rnnprop", "l2o_dm", "l2o_scale", "learned_correction", "My_Opt")] == [
+        "l2o-rnnprop", "l2o-dm", "l2o-scale", "l2o-learned-correction", "l2o-my-opt"]
+
+
+def test_every_installed_optimizer_is_registered_and_needs_weights(weights: Path, tmp_path: Path) -> None:
+    infos = register_installed_with_timm()
+    assert {"l2o-rnnprop", "l2o-dm", "l2o-scale"} <= set(infos)
+    assert register_installed_with_timm() == infos  # again: nothing new, nothing replaced
+    assert set(infos) <= set(timm.optim.list_optimizers("l2o-*"))
+
+    model = _tiny_convnext()
+    with pytest.raises(ConfigError, match=r"'l2o-rnnprop' needs a meta-trained weights file.*--opt-kwargs weights=FILE"):
+        timm.optim.create_optimizer_v2(model, "l2o-rnnprop", lr=0.1)
+    optimizer = timm.optim.create_optimizer_v2(model, "l2o-rnnprop", lr=0.1, weight_decay=1e-4, weights=str(weights))
+    assert isinstance(optimizer, LearnedOptimizerTorch)
+    assert optimizer.learned_identity["weights_file"] == str(weights)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-4]
+    # The file must hold the optimizer the name stands for.
+    with pytest.raises(ConfigError, match="holds a 'rnnprop'"):
+        timm.optim.create_optimizer_v2(model, "l2o-dm", weights=str(weights))
+
+
+def test_registering_installed_optimizers_keeps_existing_names(weights: Path) -> None:
+    mine = register_with_timm("l2o-rnnprop", weights=weights)
+    infos = register_installed_with_timm()
+    assert "l2o-rnnprop" not in infos and timm.optim.get_optimizer_info("l2o-rnnprop") is mine
+
+    registry = OptimizerRegistry()
+    registry.register(OptimInfo(name="l2o-dm", opt_class=torch.optim.SGD, description="someone else's"))
+    with pytest.warns(UserWarning, match="timm's own optimizer 'l2o-dm' is kept"):
+        infos = register_installed_with_timm(registry=registry)
+    assert "l2o-dm" not in infos and registry.get_optimizer_info("l2o-dm").opt_class is torch.optim.SGD
+
+
+# ---------------------------------------------------------------------- Lookahead
+
+
+def test_lookahead_keeps_its_slow_weights_apart_from_the_learned_state(weights: Path) -> None:
+    register_with_timm("l2o-rnnprop", weights=weights)
+    model = _tiny_convnext()
+    reference = copy.deepcopy(model)
+    optimizer = timm.optim.create_optimizer_v2(model, "lookahead_l2o-rnnprop", lr=0.3)
+    assert isinstance(optimizer, Lookahead)
+    plain = timm.optim.create_optimizer_v2(reference, "l2o-rnnprop", lr=0.3)  # the same groups
+
+    # 13 steps: two Lookahead syncs (k=6). The reference syncs by hand, as Lookahead
+    # does; the learned optimizer must see exactly the state it would see alone.
+    _train(model, optimizer, steps=13, batch=16)
+    images, labels = _images()
+    gen = torch.Generator().manual_seed(1)
+    slow = None
+    reference.train()
+    for step in range(1, 14):
+        idx = torch.randint(0, images.shape[0], (16,), generator=gen)
+        plain.zero_grad()
+        F.cross_entropy(reference(images[idx]), labels[idx]).backward()
+        plain.step()
+        if step % 6 == 0:
+            with torch.no_grad():
+                # timm starts the slow weights at the fast ones, at the first sync.
+                slow = slow or [p.detach().clone() for p in reference.parameters()]
+                for s, p in zip(slow, reference.parameters()):
+                    s.add_(p - s, alpha=0.5)
+                    p.copy_(s)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    state = optimizer.state_dict()["state"][0]
+    assert "lookahead_slow_buff" in state and set(plain.state_dict()["state"][0]) == set(state) - {"lookahead_slow_buff"}
+
+
+# ---------------------------------------------------------------------- the train.py launcher
+
+
+def test_launcher_runs_a_script_as_main_with_its_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flat_l2o_plugin.integrations import timm_train
+
+    script = tmp_path / "train.py"
+    script.write_text("import sys, timm.optim\n"
+                      "print(__name__, sys.argv[1:], 'l2o-rnnprop' in timm.optim.list_optimizers())\n")
+    register_installed_with_timm()  # what importing the module did, undone after each test here
+    saved_argv, saved_path0 = sys.argv, sys.path[0]
+    try:
+        assert timm_train.main([str(script), "--opt", "l2o-rnnprop"]) == 0
+        assert sys.argv == [str(script), "--opt", "l2o-rnnprop"] and sys.path[0] == str(tmp_path)
+    finally:
+        sys.argv, sys.path[0] = saved_argv, saved_path0
+    assert capsys.readouterr().out == "__main__ ['--opt', 'l2o-rnnprop'] True\n"
+
+    assert timm_train.main([str(tmp_path / "missing.py")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    assert timm_train.main([]) == 2
+    assert "usage:" in capsys.readouterr().err
