@@ -66,3 +66,10 @@ def test_readme_retrofit_config_is_the_examples_and_is_valid(tmp_path):
     example = load_config(folder / "meta_train.toml", environ={})
     assert shown.optimizer == example.optimizer
     assert (shown.wrappers, shown.regularizers, shown.task) == (example.wrappers, example.regularizers, example.task)
+
+
+def test_readme_gives_the_lr_rule_the_warning_quotes():
+    from flat_l2o_plugin.integrations.torch_optim import LR_RULE
+
+    prose = " ".join(README.read_text().replace("`", "").split())
+    assert " ".join(LR_RULE.split()) in prose
