@@ -190,7 +190,9 @@ def register_installed_with_timm(
 
     A name that timm already has is never replaced: a learned optimizer registered
     under it (by :func:`register_with_timm`, say) is kept as it is, and one of timm's
-    own is kept with a warning. Calling this again does nothing new.
+    own, or another learned optimizer whose name maps to the same (``l2o_dm`` and
+    ``l2o-dm``; the built-ins are registered first), is kept with a warning. Calling
+    this again does nothing new.
 
     Args:
         registry: The timm registry; timm's ``default_registry`` by default.
@@ -211,8 +213,10 @@ def register_installed_with_timm(
 
     registry = default_registry if registry is None else registry
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+    optimizers = pm.components.optimizers
     registered: dict[str, OptimInfo] = {}
-    for name in pm.components.optimizers.names():
+    # Our own first: a plugin's name that maps to a built-in's timm name does not take it.
+    for name in sorted(optimizers.names(), key=lambda n: (optimizers.provider(n) != "builtin", n)):
         tname = timm_name(name)
         defaults: dict[str, Any] = {"optimizer": name, "timm_name": tname}
         if plugin_manager is not None:
@@ -235,7 +239,11 @@ def register_installed_with_timm(
             existing = registry.get_optimizer_info(tname)
             if existing == info:
                 registered[tname] = existing
-            elif existing.opt_class not in (LearnedOptimizerTorch, _from_weights):
+            elif existing.opt_class is _from_weights:  # two names that differ only in '_' and '-'
+                warnings.warn(f"register_installed_with_timm: {tname!r} already stands for learned optimizer "
+                              f"{existing.defaults.get('optimizer')!r}; {name!r} is not registered in timm",
+                              stacklevel=2)
+            elif existing.opt_class is not LearnedOptimizerTorch:  # a user's register_with_timm is kept silently
                 warnings.warn(f"register_installed_with_timm: timm's own optimizer {tname!r} is kept; learned "
                               f"optimizer {name!r} is not registered under that name", stacklevel=2)
             continue

@@ -16,7 +16,7 @@ from timm.optim import Lookahead
 from timm.optim._optim_factory import OptimInfo, OptimizerRegistry, default_registry
 from torch import Tensor, nn
 
-from flat_l2o_plugin import create_optimizer
+from flat_l2o_plugin import OptimizerInfo, create_optimizer, get_plugin_manager, hookimpl
 from flat_l2o_plugin.errors import ConfigError
 from flat_l2o_plugin.integrations.timm import (
     TimmRegistrationError,
@@ -184,6 +184,19 @@ def test_registering_installed_optimizers_keeps_existing_names(weights: Path) ->
     with pytest.warns(UserWarning, match="timm's own optimizer 'l2o-dm' is kept"):
         infos = register_installed_with_timm(registry=registry)
     assert "l2o-dm" not in infos and registry.get_optimizer_info("l2o-dm").opt_class is torch.optim.SGD
+
+    # A plugin's name that differs from another only in '_' and '-' cannot have its own.
+    pm = get_plugin_manager(entry_points=False, plugins=[("twins", _TwinNames())])
+    with pytest.warns(UserWarning, match="'l2o-rnnprop' already stands for learned optimizer 'rnnprop'; "
+                                         "'RNNProp' is not registered"):
+        infos = register_installed_with_timm(registry=OptimizerRegistry(), plugin_manager=pm)
+    assert infos["l2o-rnnprop"].defaults["optimizer"] == "rnnprop"
+
+
+class _TwinNames:
+    @hookimpl
+    def register_optimizers(self, register) -> None:
+        register(OptimizerInfo(name="RNNProp", factory=lambda: create_optimizer("rnnprop")))
 
 
 # ---------------------------------------------------------------------- Lookahead
