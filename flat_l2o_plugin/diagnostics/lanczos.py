@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ..protocols import LossFn, Params
-from ..regularizers._hvp import gradient, hvp, random_like
-from ..regularizers.lanczos import Matvec, lanczos, ritz_pairs
+from ..regularizers._hvp import flat_hessian, gradient, random_like
+from ..regularizers.lanczos import Matvec, lanczos, ritz_pairs, ritz_residuals
 
 __all__ = [
     "Matvec",
@@ -46,8 +46,8 @@ def lanczos_tridiagonal(matvec: Matvec, start: Tensor, steps: int) -> tuple[Tens
     Returns:
         ``(alphas, betas)``: the diagonal (m,) and off-diagonal (m−1,), m ≤ ``steps``.
     """
-    alphas, betas, _ = lanczos(matvec, start, steps)
-    return alphas, betas
+    run = lanczos(matvec, start, steps)
+    return run.alphas, run.betas
 
 
 def gauss_quadrature(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,12 +93,17 @@ class SpectralQuadrature:
         weights: The matching weights; each probe's weights sum to 1.
         dim: The dimension d of the operator.
         steps: The Lanczos steps requested per probe (a probe may stop earlier).
+        residuals: Per probe, the Ritz residual of each node (see
+            :func:`~flat_l2o_plugin.regularizers.lanczos.ritz_residuals`): H has an
+            eigenvalue within it of the node. Small only for converged nodes, which are
+            the extreme ones first.
     """
 
     nodes: tuple[Tensor, ...]
     weights: tuple[Tensor, ...]
     dim: int
     steps: int
+    residuals: tuple[Tensor, ...] = ()
 
     def moment(self, order: int) -> float:
         """The estimate of (1/d) tr Hʲ, exact per probe for ``order`` ≤ 2m − 1.
@@ -189,15 +194,18 @@ def stochastic_lanczos_quadrature(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     generator = torch.Generator().manual_seed(int(seed))
     template = [torch.empty(dim, dtype=dtype, device=device)]
-    nodes, weights = [], []
+    nodes, weights, residuals = [], [], []
     for _ in range(probes):
         # Rademacher probes have norm √d exactly, so the first moment of every probe is
         # a Hutchinson sample of tr H / d, the lowest-variance one.
         start = random_like(template, generator, "rademacher")[0]
-        x, w = gauss_quadrature(*lanczos_tridiagonal(matvec, start, steps))
+        run = lanczos(matvec, start, steps)
+        x, vectors = ritz_pairs(run.alphas, run.betas)
         nodes.append(x)
-        weights.append(w)
-    return SpectralQuadrature(nodes=tuple(nodes), weights=tuple(weights), dim=dim, steps=min(steps, dim))
+        weights.append(vectors[0] ** 2)
+        residuals.append(ritz_residuals(vectors, run.beta))
+    return SpectralQuadrature(nodes=tuple(nodes), weights=tuple(weights), dim=dim, steps=min(steps, dim),
+                              residuals=tuple(residuals))
 
 
 def hessian_matvec(loss_fn: LossFn, params: Params) -> tuple[Matvec, int]:
@@ -211,14 +219,8 @@ def hessian_matvec(loss_fn: LossFn, params: Params) -> tuple[Matvec, int]:
     """
     leaves = [p.detach().requires_grad_(True) for p in params]
     _, grads = gradient(loss_fn, leaves)
-    shapes = [p.shape for p in leaves]
-    sizes = [p.numel() for p in leaves]
-
-    def matvec(v: Tensor) -> Tensor:
-        pieces = [piece.reshape(shape) for piece, shape in zip(torch.split(v, sizes), shapes)]
-        return torch.cat([h.reshape(-1) for h in hvp(grads, leaves, pieces, create_graph=False)])
-
-    return matvec, sum(sizes)
+    matvec, _ = flat_hessian(grads, leaves)
+    return matvec, sum(p.numel() for p in leaves)
 
 
 def hessian_slq(

@@ -1,6 +1,7 @@
 """The flatness of a trained optimizee, measured four ways, in one report.
 
-* the top-k Hessian eigenvalues (power iteration with deflation),
+* the top-k Hessian eigenvalues (Lanczos with locking), each with its residual, a
+  bound on its error,
 * the Hessian trace (Hutchinson, with a standard error),
 * the spectral density (stochastic Lanczos quadrature), which shows whether a large
   trace comes from a few outliers or from a broad bulk,
@@ -47,6 +48,10 @@ class FlatnessReport:
         loss: f(θ) on the batch measured.
         top_eigenvalues: The ``top_k`` Hessian eigenvalues of largest magnitude, in
             decreasing magnitude (a negative one means θ is not a minimum).
+        top_residuals: For each, the residual ‖Hu − λu‖ of its unit vector u: the Hessian
+            has an eigenvalue within it of the value (within residual²/gap when the
+            other eigenvalues are at least gap away). ``eigen_tol`` makes each at most
+            ``eigen_tol``·|λ| unless ``eigen_steps`` ran out.
         trace: Hutchinson's estimate of tr ∇²f(θ).
         trace_stderr: Its standard error (``None`` with a single probe).
         local_entropy: γ -> F(θ; γ) at temperature 1, all constants included: the
@@ -65,6 +70,7 @@ class FlatnessReport:
     num_params: int
     loss: float
     top_eigenvalues: tuple[float, ...]
+    top_residuals: tuple[float, ...]
     trace: float
     trace_stderr: float | None
     local_entropy: dict[float, float]
@@ -101,7 +107,8 @@ class FlatnessReport:
         stderr = f" ± {self.trace_stderr:.4g}" if self.trace_stderr is not None else ""
         lines = [
             f"{where}{self.num_params} parameters, loss {self.loss:.6g}",
-            "top eigenvalues: " + ", ".join(f"{v:.6g}" for v in self.top_eigenvalues),
+            "top eigenvalues: " + ", ".join(
+                f"{v:.6g} (± {r:.1g})" for v, r in zip(self.top_eigenvalues, self.top_residuals)),
             f"trace: {self.trace:.6g}{stderr} (Hutchinson); {self.slq_trace:.6g} (Lanczos probes)",
             "local entropy F(θ;γ): " + ", ".join(f"γ={g:g}: {v:.6g}" for g, v in self.local_entropy.items()),
         ]
@@ -133,8 +140,8 @@ def flatness_report(
     lanczos_steps: int = 80,
     gammas: Sequence[float] = (10.0, 100.0, 1000.0),
     entropy_samples: int = 64,
-    power_iters: int = 100,
-    power_tol: float = 1e-6,
+    eigen_steps: int = 100,
+    eigen_tol: float = 1e-6,
     density_points: int = 1024,
     sigma: float | None = None,
     dtype: torch.dtype | None = None,
@@ -153,8 +160,10 @@ def flatness_report(
         lanczos_steps: Lanczos steps per probe (capped at d).
         gammas: Scopes at which to estimate the local entropy.
         entropy_samples: Monte-Carlo draws per local-entropy estimate.
-        power_iters: Power-iteration budget per eigenvalue.
-        power_tol: Relative change at which power iteration stops.
+        eigen_steps: The most Lanczos steps (HVPs) per top eigenvalue.
+        eigen_tol: Each top eigenvalue's Lanczos run stops once its residual is at most
+            ``eigen_tol``·|λ|, which bounds its error by that much (see
+            ``top_residuals``).
         density_points: Grid points of the spectral density.
         sigma: Broadening of the density (default: spread of the nodes / steps).
         dtype: Measure in this dtype (e.g. ``torch.float64`` for a float32 optimizee);
@@ -184,7 +193,9 @@ def flatness_report(
     slq_probes = _check_count("slq_probes", slq_probes)
     lanczos_steps = _check_count("lanczos_steps", lanczos_steps)
     entropy_samples = _check_count("entropy_samples", entropy_samples)
-    power_iters = _check_count("power_iters", power_iters)
+    eigen_steps = _check_count("eigen_steps", eigen_steps)
+    if isinstance(eigen_tol, bool) or not isinstance(eigen_tol, (int, float)) or not 0 <= eigen_tol < math.inf:
+        raise ConfigError(f"flatness_report: eigen_tol must be a finite number >= 0, got {eigen_tol!r}")
     density_points = _check_count("density_points", density_points)
     gammas = _check_gammas(gammas)
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
@@ -192,8 +203,7 @@ def flatness_report(
         raise ConfigError(f"flatness_report: sigma must be a finite positive number or None, got {sigma!r}")
 
     loss = _finite_loss(loss_fn, params)
-    eigenvalues, _ = hessian_eigenpairs(params, loss_fn, k=top_k, iters=power_iters, tol=power_tol, seed=seed)
-    top = tuple(sorted((float(v) for v in eigenvalues), key=abs, reverse=True))
+    eigenpairs = hessian_eigenpairs(params, loss_fn, k=top_k, iters=eigen_steps, tol=eigen_tol, seed=seed)
     trace, trace_stderr, trace_probes = _trace(loss_fn, params, trace_probes, seed + 1)
 
     quadrature = hessian_slq(loss_fn, params, probes=slq_probes, steps=lanczos_steps, seed=seed + 2)
@@ -211,13 +221,14 @@ def flatness_report(
     settings = {
         "top_k": top_k, "trace_probes": trace_probes, "slq_probes": slq_probes,
         "lanczos_steps": lanczos_steps, "gammas": list(gammas), "entropy_samples": entropy_samples,
-        "power_iters": power_iters, "power_tol": power_tol, "density_points": density_points, "seed": seed,
+        "eigen_steps": eigen_steps, "eigen_tol": eigen_tol, "density_points": density_points, "seed": seed,
         "dtype": str(params[0].dtype).removeprefix("torch."),
     }
     return FlatnessReport(
         num_params=num_params,
         loss=loss,
-        top_eigenvalues=top,
+        top_eigenvalues=tuple(eigenpairs.values),
+        top_residuals=tuple(eigenpairs.residuals),
         trace=trace,
         trace_stderr=trace_stderr,
         local_entropy=entropy,

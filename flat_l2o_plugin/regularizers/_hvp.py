@@ -7,7 +7,7 @@ concatenating them would add a copy per HVP.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -103,3 +103,21 @@ def hvp(
         retain_graph=True, create_graph=create_graph, allow_unused=True,
     )
     return [r if h is None else h for h, r in zip(out, result)]
+
+
+def flat_hessian(
+    grads: Sequence[Tensor], params: Sequence[Tensor]
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], list[Tensor]]]:
+    """H as an operator on flat vectors (no graph), and the split of a flat vector into params.
+
+    Lanczos works on flat vectors; the HVP itself stays per tensor.
+    """
+    sizes = [p.numel() for p in params]
+
+    def split(flat: Tensor) -> list[Tensor]:
+        return [piece.view_as(p) for piece, p in zip(flat.split(sizes), params)]
+
+    def matvec(flat: Tensor) -> Tensor:
+        return torch.cat([h.reshape(-1) for h in hvp(grads, params, split(flat), create_graph=False)])
+
+    return matvec, split

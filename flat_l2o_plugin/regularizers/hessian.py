@@ -19,21 +19,46 @@ gaps of a few percent), where power iteration converges slowly and Lanczos does 
 on the digits MLP, 10 Lanczos steps reach ~1e-4 relative error where 10 power steps
 reach ~4e-2 (``benchmarks/regularizer_cost.py``). The value uᵀH(θ)u at the Ritz vector
 u equals the Ritz value, so the same single differentiable HVP serves both methods.
+
+Both stop on a residual, never on how much the estimate moved between steps: in a
+clustered spectrum the estimate creeps by less than any tolerance long before it has
+converged. For symmetric H and a unit v, some eigenvalue lies within ‖Hv − λv‖ of
+λ = vᵀHv, so ``tol`` bounds the error it stops at (see :class:`HessianTopEigenvalue`).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..protocols import LossFn, Params
-from ._hvp import as_graph_params, dot, gradient, hvp, normalized, random_like, seeded_generator
-from .lanczos import lanczos, ritz_pairs
+from ._hvp import as_graph_params, dot, flat_hessian, gradient, hvp, norm, normalized, random_like, seeded_generator
+from .lanczos import lanczos, ritz_pairs, top_eigenpairs, wanted_index
 
-__all__ = ["HessianTopEigenvalue", "power_iteration", "hessian_eigenpairs"]
+__all__ = ["HessianEigenpairs", "HessianTopEigenvalue", "PowerIteration", "hessian_eigenpairs", "power_iteration"]
+
+
+class PowerIteration(NamedTuple):
+    """The output of :func:`power_iteration`.
+
+    Attributes:
+        value: The Rayleigh quotient λ = vᵀHv of the last vector v multiplied by H.
+        vector: That unit vector v.
+        residual: ‖Hv − λv‖: H has an eigenvalue within it of ``value``.
+        ahead: Hv normalized: one power step past ``vector``, at no extra HVP.
+        hvps: The HVPs spent.
+        converged: Whether the residual reached ``tol``·|λ| within the budget.
+    """
+
+    value: float
+    vector: list[Tensor]
+    residual: float
+    ahead: list[Tensor]
+    hvps: int
+    converged: bool
 
 
 def power_iteration(
@@ -43,55 +68,82 @@ def power_iteration(
     iters: int,
     tol: float = 0.0,
     shift: float = 0.0,
-    deflate: Sequence[tuple[float, Sequence[Tensor]]] = (),
-) -> tuple[float, list[Tensor], int]:
-    """Power iteration on (H − shift·I) minus the deflated eigenpairs, without a graph.
+) -> PowerIteration:
+    """Power iteration on H − shift·I, without a graph, stopped by the residual.
 
-    Returns the Rayleigh quotient of H (shift added back), the unit probe, and the number
-    of HVPs spent. Stops early once the estimate changes by at most ``tol`` relative.
+    Each HVP gives both the Rayleigh quotient λ = vᵀHv of the current unit v and its
+    residual ‖Hv − λv‖ (the same for H and H − shift·I), before v moves on to Hv/‖Hv‖.
+    The iteration stops at the first v with ‖Hv − λv‖ ≤ ``tol``·|λ|: for symmetric H some
+    eigenvalue then lies within ``tol``·|λ| of λ, and within (``tol``·λ)²/gap if the rest
+    of the spectrum is at least gap away. Which eigenvalue is not guaranteed: the
+    dominant one of H − shift·I unless the probe is (nearly) orthogonal to its
+    eigenvector. A change of λ between steps bounds nothing: in a clustered spectrum λ
+    creeps while far from converged.
+
+    Args:
+        grads: The gradient, in the graph (see ``_hvp.gradient``).
+        params: What ``grads`` was taken with respect to.
+        probe: The starting vector (any nonzero norm).
+        iters: The most HVPs; at least 1.
+        tol: The relative residual at which to stop; 0 spends every HVP.
+        shift: Iterate on H − shift·I; the value returned is of H.
     """
+    if iters < 1:
+        raise ValueError(f"power_iteration needs iters >= 1, got {iters!r}")
     v = normalized([p.detach() for p in probe])
-    estimate, used = float("nan"), 0
-    for _ in range(iters):
-        hv = hvp(grads, params, v, create_graph=False)
-        used += 1
+    for used in range(1, iters + 1):
+        hv = [h.detach() for h in hvp(grads, params, v, create_graph=False)]
         if shift:
             hv = [h - shift * x for h, x in zip(hv, v)]
-        for lam, u in deflate:
-            coef = dot(u, v)
-            hv = [h - lam * coef * ui for h, ui in zip(hv, u)]
-        new = float(dot(v, hv)) + shift
-        v = normalized([h.detach() for h in hv])
-        converged = abs(new - estimate) <= tol * max(abs(new), 1e-12)
-        estimate = new
-        if converged:
+        rayleigh = dot(v, hv)
+        # One host sync for both numbers.
+        value, residual = torch.stack([rayleigh, norm([h - rayleigh * x for h, x in zip(hv, v)])]).tolist()
+        value += shift
+        ahead = normalized(hv)
+        converged = residual <= tol * abs(value)
+        if converged or used == iters:
             break
-    return estimate, v, used
+        v = ahead
+    return PowerIteration(value, v, residual, ahead, used, converged)
 
 
 class HessianTopEigenvalue:
     """R(θ) = λ_max(∇²f(θ)): the top eigenvalue of the mini-batch Hessian.
 
     Args:
-        iters: Power iterations on a cold start (the first call, or every call when
-            ``warm_start`` is off). 20 reaches ~1e-3 relative accuracy on the small
-            networks we meta-train on; the original release used 10 at every step.
+        iters: The most HVPs (power iterations or Lanczos steps) on a cold start (the
+            first call, or every call when ``warm_start`` is off), before the final,
+            differentiable one. The original release used 10 power iterations at
+            every step; how many ``tol`` needs depends on the spectrum's gaps.
         warm_start: Carry the probe across calls (see the module docstring).
         warm_iters: Extra (non-differentiable) power iterations per warm call; 1 means
             2 HVPs per call including the differentiable one. 0 is allowed.
-        tol: Relative change of the estimate at which the iteration stops early.
+        tol: The error bound to iterate down to: stop once the residual ‖Hv − λv‖ of
+            the unit vector v and its Rayleigh quotient λ = vᵀHv is at most
+            ``tol``·|λ|. H then has an eigenvalue within ``tol``·|λ| of the returned
+            value, and within (``tol``·λ)²/gap if its other eigenvalues are at least gap
+            away. The value returned is then the Rayleigh quotient of that very v. What
+            ``tol`` does not guarantee: that this eigenvalue is the top one (from a probe
+            nearly orthogonal to the top eigenvector, power iteration converges to
+            another), nor any accuracy when the budget (``iters``, or ``warm_iters`` on
+            a warm call) runs out first; ``last_residual`` says what was reached. The
+            check reuses each HVP, so it costs none. 0 spends the whole budget.
         which: ``"largest"``: the largest algebraic eigenvalue (if the dominant one is
             negative, a shifted iteration finds the largest). ``"magnitude"``: the
             spectral norm max|λ_i| (the returned value is |vᵀHv|).
         method: ``"power"`` (cheapest per call; the default for warm-started use in
             meta-training) or ``"lanczos"`` (far fewer HVPs for a given accuracy from a
             cold start; on warm calls it runs ``max(warm_iters, 2)`` Lanczos steps from
-            the carried Ritz vector).
+            the carried Ritz vector). Lanczos stops on its Ritz residual, the same bound
+            as above, read off the tridiagonal without an HVP.
         seed: Seed of the probe generator (default: drawn from torch's global RNG).
 
     The call returns a 0-dim tensor differentiable in ``params`` (when none of them
     requires grad, a plain measurement without a graph). ``last_value`` holds the
-    estimate and ``last_hvps`` the HVPs spent by the latest call.
+    estimate, ``last_residual`` the residual ‖Hv − λv‖ of the vector it is the Rayleigh
+    quotient of (from the final HVP, so exact and free: |``last_value`` − λᵢ| ≤
+    ``last_residual`` for some eigenvalue λᵢ of H), and ``last_hvps`` the HVPs spent by
+    the latest call.
     """
 
     def __init__(
@@ -119,6 +171,7 @@ class HessianTopEigenvalue:
         self._generator = seeded_generator(seed)
         self._probe: list[Tensor] | None = None
         self.last_value: float | None = None
+        self.last_residual: float | None = None
         self.last_hvps = 0
 
     def reset(self) -> None:
@@ -141,42 +194,59 @@ class HessianTopEigenvalue:
         n = self.warm_iters if warm else self.iters
         if self.method == "lanczos":
             v, used = self._lanczos(grads, params, probe, max(n, 2) if warm else n)
+        elif n == 0:
+            v, used = normalized([p.detach() for p in probe]), 0
         else:
-            estimate, v, used = power_iteration(grads, params, probe, n, self.tol)
-            if n == 0:
-                v = normalized([p.detach() for p in probe])
-            elif self.which == "largest" and estimate < 0:
+            v, used, estimate = self._power(grads, params, probe, n)
+            if self.which == "largest" and estimate < 0:
                 # The dominant eigenvalue is negative: on H - estimate·I every eigenvalue is
                 # >= 0 and the dominant one is λ_max - estimate.
-                estimate, v, more = power_iteration(
-                    grads, params, random_like(params, self._generator), self.iters, self.tol, shift=estimate)
+                v, more, _ = self._power(grads, params, random_like(params, self._generator), self.iters,
+                                         shift=estimate)
                 used += more
         hv = hvp(grads, params, v, create_graph=differentiable)
         value = dot(v, hv)
+        detached = value.detach()
+        residual = norm([h.detach() - detached * x for h, x in zip(hv, v)])
         if self.which == "magnitude":
             value = value.abs()
         if self.warm_start:
             # Power iteration advances the probe by the free HVP; a Ritz vector is kept as is.
             self._probe = v if self.method == "lanczos" else normalized([h.detach() for h in hv])
-        self.last_value, self.last_hvps = float(value.detach()), used + 1
+        self.last_value, self.last_residual = torch.stack([value.detach(), residual]).tolist()
+        self.last_hvps = used + 1
         return value
+
+    def _power(self, grads: list[Tensor], params: list[Tensor], probe: Sequence[Tensor], iters: int,
+               shift: float = 0.0) -> tuple[list[Tensor], int, float]:
+        """The vector for the final HVP, the HVPs spent, and the estimate on the way."""
+        run = power_iteration(grads, params, probe, iters, self.tol, shift=shift)
+        # Converged: the final HVP is at the vector that met the bound, so the value keeps
+        # it. Out of budget: one power step further is the better vector, for free.
+        return (run.vector if run.converged else run.ahead), run.hvps, run.value
 
     def _lanczos(self, grads: list[Tensor], params: list[Tensor], probe: Sequence[Tensor],
                  steps: int) -> tuple[list[Tensor], int]:
         """The Ritz vector of the wanted eigenvalue, and the HVPs spent."""
-        sizes = [p.numel() for p in params]
-
-        def split(flat: Tensor) -> list[Tensor]:
-            return [c.view_as(p) for c, p in zip(flat.split(sizes), params)]
-
-        def matvec(flat: Tensor) -> Tensor:
-            return torch.cat([h.reshape(-1) for h in hvp(grads, params, split(flat), create_graph=False)])
-
+        matvec, split = flat_hessian(grads, params)
         start = torch.cat([p.detach().reshape(-1) for p in probe])
-        alphas, betas, basis = lanczos(matvec, start, steps, tol=self.tol)
-        values, vectors = ritz_pairs(alphas, betas)
-        index = -1 if self.which == "largest" else int(values.abs().argmax())
-        return split(basis.T @ vectors[:, index]), alphas.numel()
+        run = lanczos(matvec, start, steps, tol=self.tol, which=self.which)
+        values, vectors = ritz_pairs(run.alphas, run.betas)
+        return split(run.basis.T @ vectors[:, wanted_index(values, self.which)]), run.alphas.numel()
+
+
+class HessianEigenpairs(NamedTuple):
+    """The output of :func:`hessian_eigenpairs`.
+
+    Attributes:
+        values: The eigenvalue estimates, in decreasing magnitude.
+        vectors: The unit eigenvectors, each a list of tensors shaped like the params.
+        residuals: ‖Hu − λu‖ for each, measured: H has an eigenvalue within it of the value.
+    """
+
+    values: list[float]
+    vectors: list[list[Tensor]]
+    residuals: list[float]
 
 
 def hessian_eigenpairs(
@@ -186,20 +256,32 @@ def hessian_eigenpairs(
     iters: int = 100,
     tol: float = 1e-6,
     seed: int | None = 0,
-) -> tuple[list[float], list[list[Tensor]]]:
-    """The ``k`` eigenpairs of largest magnitude, by power iteration with deflation.
+) -> HessianEigenpairs:
+    """The ``k`` eigenpairs of largest magnitude, by Lanczos with locking.
 
-    A diagnostic, not a regularizer: nothing is differentiable. Eigenvalues come in
-    decreasing magnitude; each eigenvector is a list of tensors shaped like ``params``.
+    A diagnostic, not a regularizer: nothing is differentiable. See
+    :func:`~flat_l2o_plugin.regularizers.lanczos.top_eigenpairs` for the method.
+
+    Args:
+        params: The point θ.
+        loss_fn: The loss whose Hessian at θ is wanted.
+        k: How many eigenpairs.
+        iters: The most Lanczos steps (HVPs) per eigenpair.
+        tol: Each eigenpair's run stops once its residual ‖Hu − λu‖ ≤ ``tol``·|λ|, which
+            puts an eigenvalue of H within ``tol``·|λ| of λ. ``residuals`` holds the
+            bound reached, measured on the returned vectors. It says λ is near *an*
+            eigenvalue, not that the k values are the top k (see ``top_eigenpairs``).
+        seed: Seed of the start vectors (``None``: drawn from torch's global RNG).
     """
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     params = [p.detach().requires_grad_(True) for p in params]
+    dim = sum(p.numel() for p in params)
+    if k > dim:
+        raise ConfigError(f"k={k} exceeds the {dim} parameters")
     _, grads = gradient(loss_fn, params)
-    generator = seeded_generator(seed)
-    pairs: list[tuple[float, list[Tensor]]] = []
-    for _ in range(k):
-        lam, v, _ = power_iteration(grads, params, random_like(params, generator), iters, tol,
-                                    deflate=pairs)
-        pairs.append((lam, v))
-    return [lam for lam, _ in pairs], [v for _, v in pairs]
+    matvec, split = flat_hessian(grads, params)
+    pairs = top_eigenpairs(matvec, dim, k, steps=iters, tol=tol, generator=seeded_generator(seed),
+                           dtype=params[0].dtype, device=params[0].device)
+    return HessianEigenpairs(pairs.values.tolist(), [[x.detach() for x in split(u)] for u in pairs.vectors],
+                             pairs.residuals.tolist())

@@ -147,14 +147,24 @@ def test_hessian_slq_on_a_tiny_mlp_finds_the_exact_extreme_eigenvalues():
     assert abs(quadrature.trace() - float(exact.sum())) < 4 * hutchinson_std(hessian, 4)
 
 
-def test_hessian_slq_extreme_ritz_values_converge_before_the_dimension():
+def test_hessian_slq_extreme_ritz_values_converge_before_the_dimension(rounding):
     loss, params = tiny_mlp_loss()
-    exact = torch.linalg.eigvalsh(exact_hessian(loss, params))
+    hessian = exact_hessian(loss, params)
+    exact = torch.linalg.eigvalsh(hessian)
     quadrature = hessian_slq(loss, params, probes=2, steps=15, seed=1)
     low, high = quadrature.extremes()
     # Ritz values are interior to the spectrum and approach its ends first.
-    assert float(exact.min()) - 1e-12 <= low and high <= float(exact.max()) + 1e-12
-    assert high == pytest.approx(float(exact.max()), rel=1e-3)
+    assert float(exact.min()) - rounding(hessian) <= low and high <= float(exact.max()) + rounding(hessian)
+    for nodes, residuals in zip(quadrature.nodes, quadrature.residuals):
+        assert len(residuals) == len(nodes) == 15
+        # Every node lies within its Ritz residual of an eigenvalue...
+        nearest = (nodes[:, None] - exact[None, :]).abs().min(dim=1).values
+        assert bool((nearest <= residuals + rounding(hessian)).all())
+        # ...and the top node's residual is already small: it has converged.
+        top_gap = float(exact[-1] - exact[-2])
+        assert float(exact[-1] - nodes[-1]) <= float(residuals[-1]) ** 2 / (top_gap - float(residuals[-1])) \
+            + rounding(hessian)
+        assert float(residuals[-1]) < 1e-3 * float(exact[-1])
 
 
 def test_the_same_seed_gives_the_same_quadrature_and_another_seed_does_not():
