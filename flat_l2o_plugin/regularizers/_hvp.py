@@ -57,9 +57,16 @@ def axpy(alpha: Tensor | float, x: Sequence[Tensor], y: Sequence[Tensor]) -> lis
     return [alpha * xi + yi for xi, yi in zip(x, y)]
 
 
-def normalized(a: Sequence[Tensor], eps: float = 1e-12) -> list[Tensor]:
+def normalized(a: Sequence[Tensor]) -> list[Tensor]:
+    """``a / ‖a‖``; a zero ``a`` stays zero.
+
+    No epsilon is added to the norm: ``a / (‖a‖ + ε)`` has norm 1 − ε/‖a‖, which biases
+    every Rayleigh quotient vᵀHv by 2ε/‖a‖ relative, and so the error bounds that assume a
+    unit v.
+    """
     n = norm(a)
-    return [x / (n + eps) for x in a]
+    n = n.clamp_min(torch.finfo(n.dtype).tiny)
+    return [x / n for x in a]
 
 
 def random_like(

@@ -68,7 +68,7 @@ class Sharpness:
             raise ValueError(f"loss_fn must return a scalar, got a tensor of shape {tuple(loss.shape)}")
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        # A zero gradient gives a zero direction (normalized adds eps) and zero sharpness.
+        # A zero gradient gives a zero direction (see normalized) and zero sharpness.
         direction = normalized(grads)
         perturbed_loss = loss_fn(axpy(self.rho, direction, params))
         value = perturbed_loss - loss
