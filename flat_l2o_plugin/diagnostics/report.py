@@ -62,6 +62,9 @@ class FlatnessReport:
         density_sigma: The Gaussian broadening of the density.
         quadrature_nodes: Per SLQ probe, the Gauss nodes (Ritz values), ascending.
         quadrature_weights: Per SLQ probe, the matching weights (each row sums to 1).
+        quadrature_residuals: Per SLQ probe, each node's Ritz residual: the Hessian has
+            an eigenvalue within it of the node (small for converged nodes, which are
+            the extreme ones first).
         settings: The estimator settings used (probes, steps, seed, ...).
         task: The task's name, when measured through :func:`task_flatness`.
         split: The data split measured, idem.
@@ -79,6 +82,7 @@ class FlatnessReport:
     density_sigma: float
     quadrature_nodes: tuple[tuple[float, ...], ...]
     quadrature_weights: tuple[tuple[float, ...], ...]
+    quadrature_residuals: tuple[tuple[float, ...], ...]
     settings: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
     split: str | None = None
@@ -237,6 +241,7 @@ def flatness_report(
         density_sigma=density.sigma,
         quadrature_nodes=tuple(tuple(x.tolist()) for x in quadrature.nodes),
         quadrature_weights=tuple(tuple(w.tolist()) for w in quadrature.weights),
+        quadrature_residuals=tuple(tuple(r.tolist()) for r in quadrature.residuals),
         settings=settings,
     )
 
