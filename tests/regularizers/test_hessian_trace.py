@@ -93,7 +93,9 @@ def test_float32_matches_float64_with_the_same_probes(tiny_mlp):
     single_mlp = type(tiny_mlp)(tiny_mlp.x.float(), tiny_mlp.y.float())
     in_single = HessianTrace(probes=8, seed=2)([p.float() for p in params], single_mlp.loss)
     assert in_single.dtype == torch.float32
-    # Rademacher probes are the same ±1 in either dtype.
+    # Rademacher probes are the same ±1 in either dtype, so only rounding differs: float32
+    # HVPs on this net agree with float64 to ~2e-7 relative (ε = 1.2e-7, little cancellation);
+    # 1e-4 leaves a factor of 500 for other kernels' orders of summation.
     assert float(in_single.detach()) == pytest.approx(float(in_double.detach()), rel=1e-4)
 
 
@@ -104,9 +106,11 @@ def test_unused_and_affine_parameters_contribute_nothing(tiny_mlp, hessian_of):
     def loss_fn(ps):
         return tiny_mlp.loss(ps[:4]) + 3.0 * ps[5].sum()
 
-    exact = float(torch.trace(hessian_of(tiny_mlp.loss, params)))
+    hessian = hessian_of(tiny_mlp.loss, params)
+    exact = float(torch.trace(hessian))
     estimate = HessianTrace(probes=4096, seed=0)(params + [unused, linear], loss_fn)
-    assert float(estimate.detach()) == pytest.approx(exact, rel=0.1)
+    # The extra parameters add zero rows and columns: the same trace and variance as H.
+    assert abs(float(estimate.detach()) - exact) < 4 * math.sqrt(hutchinson_variance(hessian, "rademacher") / 4096)
 
     only_affine = [linear.clone().requires_grad_(True)]
     zero = HessianTrace(probes=2, seed=0)(only_affine, lambda ps: 3.0 * ps[0].sum())
