@@ -79,8 +79,11 @@ def trained_mlp() -> SimpleNamespace:
         return task.loss(p, batch)
 
     hessian = exact_hessian(loss_fn, params)
+    # L-BFGS ends at a slightly different point on every CPU, so the spectrum's gaps vary. A
+    # budget of d Lanczos steps per eigenvalue lets each run meet the residual rule whatever
+    # the gaps (at worst by spanning the whole space); it stops far earlier in practice.
     report = task_flatness(task, params, top_k=3, trace_probes=64, slq_probes=8, lanczos_steps=40,
-                           gammas=(100.0, 1000.0), entropy_samples=32, seed=0)
+                           gammas=(100.0, 1000.0), entropy_samples=32, eigen_steps=310, seed=0)
     return SimpleNamespace(task=task, batch=batch, params=params, loss_fn=loss_fn, hessian=hessian,
                            eigenvalues=torch.linalg.eigvalsh(hessian), report=report)
 
