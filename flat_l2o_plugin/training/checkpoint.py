@@ -235,12 +235,12 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
                                       f"start the run without resume")
     manifest_path = folder / "manifest.json"
     try:
-        manifest = json.loads(manifest_path.read_bytes())
+        manifest = _parse_json(manifest_path, manifest_path.read_bytes())
     except FileNotFoundError:
         raise TrainingCheckpointError(f"checkpoint file {manifest_path} is missing; the folder was not written by "
                                       f"save_checkpoint() or was modified since") from None
-    except (OSError, ValueError) as exc:
-        raise TrainingCheckpointError(f"checkpoint file {manifest_path} is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise TrainingCheckpointError(f"checkpoint file {manifest_path} cannot be read ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise TrainingCheckpointError(f"checkpoint file {manifest_path} is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -250,21 +250,42 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
     files = manifest.get("files")
     if not isinstance(files, dict) or any(_FILES[k] not in files for k in ("weights", "tensors", "state")):
         raise TrainingCheckpointError(f"checkpoint file {manifest_path} does not list {sorted(_FILES.values())}")
+    unknown = sorted(str(name) for name in files if name not in _FILES.values())
+    if unknown:
+        # Only our own files are read: a manifest never sends the reader elsewhere.
+        raise TrainingCheckpointError(f"checkpoint file {manifest_path} lists files this format does not have: "
+                                      f"{unknown[:3]}")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TrainingCheckpointError(f"checkpoint file {manifest_path}: step must be an integer >= 0, "
+                                      f"got {str(step)[:40]!r}")
     payloads = {name: _verified_bytes(folder / name, entry) for name, entry in files.items()}
     state_path = folder / _FILES["state"]
+    state = _parse_json(state_path, payloads[_FILES["state"]])
     try:
-        state = decode_floats(json.loads(payloads[_FILES["state"]]))
-    except ValueError as exc:
-        raise TrainingCheckpointError(f"checkpoint file {state_path} is not valid JSON ({exc})") from exc
-    if not isinstance(state, dict) or state.get("step") != manifest.get("step"):
+        state = decode_floats(state)
+    except RecursionError:
+        raise TrainingCheckpointError(f"checkpoint file {state_path} is nested too deeply to be a trainer "
+                                      f"state") from None
+    if not isinstance(state, dict) or state.get("step") != step:
+        found = repr(state.get("step"))[:40] if isinstance(state, dict) else "?"
         raise TrainingCheckpointError(f"checkpoint file {state_path} does not belong to the manifest "
-                                      f"{manifest_path} (step {state.get('step') if isinstance(state, dict) else '?'}"
-                                      f" != {manifest.get('step')})")
+                                      f"{manifest_path} (step {found} != {step})")
     best = payloads.get(_FILES["best_weights"])
     return Checkpoint(step=int(state.pop("step")),
                       weights=_tensors(folder / _FILES["weights"], payloads[_FILES["weights"]]),
                       best_weights=None if best is None else _tensors(folder / _FILES["best_weights"], best),
                       tensors=_tensors(folder / _FILES["tensors"], payloads[_FILES["tensors"]]), state=state)
+
+
+def _parse_json(path: Path, payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except RecursionError:
+        raise TrainingCheckpointError(f"checkpoint file {path} is nested too deeply to be a checkpoint "
+                                      f"file") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise TrainingCheckpointError(f"checkpoint file {path} is not valid JSON ({exc})") from None
 
 
 def _verified_bytes(path: Path, entry: Any) -> bytes:

@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,7 @@ from .estimator_state import EstimatorSlots
 from .evaluate import batch_generator, train_with_learned_optimizer
 from .imitation import TEACHERS
 from .lr_schedule import META_LR_SCHEDULES, meta_learning_rate
+from .checkpoint import Checkpoint
 from .metrics import METRICS_FILE, MetricsLog
 from .trainer_checkpoint import TrainerCheckpointer
 from .trajectory import Trajectory
@@ -132,34 +133,63 @@ class MetaTrainConfig:
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("meta_steps", "unroll", "horizon", "meta_batch", "val_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"MetaTrainConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("meta_steps", "unroll", "horizon", "meta_batch", "val_steps", "curriculum_patience"):
+            _check_int(self, name, minimum=1)
         for name in ("meta_lr_warmup", "checkpoint_every", "val_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"MetaTrainConfig.{name} must be an integer >= 0, got {value!r}")
+            _check_int(self, name, minimum=0)
+        _check_int(self, "seed", minimum=0, maximum=MAX_SEED)
         if self.horizon % self.unroll:
             raise ConfigError(f"MetaTrainConfig.horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
-        if not self.meta_lr > 0:
-            raise ConfigError(f"MetaTrainConfig.meta_lr must be > 0, got {self.meta_lr!r}")
+        # Adam moves each weight by about meta_lr per step: above 1 it throws φ around
+        # (and past float32's range it cannot even apply the step).
+        _check_number(self, "meta_lr", 0.0, MAX_META_LR, low_open=True)
         if self.meta_lr_schedule not in META_LR_SCHEDULES:
             raise ConfigError(f"MetaTrainConfig.meta_lr_schedule must be one of {META_LR_SCHEDULES}, "
                               f"got {self.meta_lr_schedule!r}")
-        if not 0.0 <= self.meta_lr_min <= self.meta_lr:
-            raise ConfigError(f"MetaTrainConfig.meta_lr_min must be in [0, meta_lr={self.meta_lr}], "
-                              f"got {self.meta_lr_min!r}")
+        _check_number(self, "meta_lr_min", 0.0, self.meta_lr)
+        _check_number(self, "clip", 0.0, math.inf)
+        if not isinstance(self.curriculum, (list, tuple)):
+            raise ConfigError(f"MetaTrainConfig.curriculum must be a list of horizons, got {self.curriculum!r}")
         self.curriculum = tuple(self.curriculum)
         for h in self.curriculum:
-            if h % self.unroll:
-                raise ConfigError(f"MetaTrainConfig.curriculum horizon {h} must be a multiple of unroll "
+            if not isinstance(h, int) or isinstance(h, bool) or h < 1 or h % self.unroll:
+                raise ConfigError(f"MetaTrainConfig.curriculum horizon {h!r} must be a positive multiple of unroll "
                                   f"({self.unroll})")
-        if not 0.0 <= self.imitation_prob <= 1.0:
-            raise ConfigError(f"MetaTrainConfig.imitation_prob must be in [0, 1], got {self.imitation_prob!r}")
+        if list(self.curriculum) != sorted(self.curriculum):
+            raise ConfigError(f"MetaTrainConfig.curriculum horizons must increase, got {list(self.curriculum)}")
+        _check_number(self, "imitation_prob", 0.0, 1.0)
         if self.imitation_teacher not in TEACHERS:
             raise ConfigError(f"MetaTrainConfig.imitation_teacher must be one of {sorted(TEACHERS)}, "
                               f"got {self.imitation_teacher!r}")
+        _check_number(self, "imitation_lr", 0.0, MAX_META_LR, low_open=True)
+        _check_number(self, "imitation_rho", 0.0, math.inf)
+        _check_number(self, "imitation_weight", 0.0, math.inf)
+
+
+MAX_SEED = 2**63 - 1
+"""The largest ``MetaTrainConfig.seed`` (torch's generators take 64-bit seeds)."""
+
+MAX_META_LR = 1.0
+"""The largest meta-learning rate (and imitation teacher rate) a config may ask for."""
+
+
+def _check_int(config: MetaTrainConfig, name: str, *, minimum: int, maximum: int | None = None) -> None:
+    value = getattr(config, name)
+    if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+        raise ConfigError(f"MetaTrainConfig.{name} must be {bound}, got {value!r}")
+
+
+def _check_number(config: MetaTrainConfig, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+    value = getattr(config, name)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else (
+            f"> {low:g}" if low_open else f">= {low:g}")
+        where = f"in {interval}" if math.isfinite(high) else interval
+        raise ConfigError(f"MetaTrainConfig.{name} must be a finite number {where}, got {value!r}")
 
 
 class _Unroll(NamedTuple):
@@ -226,9 +256,14 @@ class MetaTrainer:
             task's ``val`` split after ``val_steps`` steps; the best weights are restored
             at the end. The ``test`` split is never touched.
         run_dir: Folder for ``metrics.jsonl`` and ``checkpoint/`` (``None``: nothing is
-            written and the run cannot be resumed).
+            written and the run cannot be resumed). Locked while :meth:`train` runs
+            (:mod:`.run_folder`): a second writer is refused.
         distributed: The process group to split the meta-batch over; by default the
             initialized ``torch.distributed`` group, or a single process.
+        run_config: The host's description of the run (plain JSON data, e.g. the
+            runner's spec), recorded in every checkpoint as ``run_config`` so that a
+            resume can compare against what the run was made with
+            (:meth:`read_checkpoint`).
 
     Raises:
         ConfigError: ``meta_batch`` smaller than the number of ranks.
@@ -236,8 +271,10 @@ class MetaTrainer:
 
     def __init__(self, optimizer: nn.Module, sample_task: TaskSampler, *, flat: FlatL2O | None = None,
                  config: MetaTrainConfig | None = None, val_tasks: Sequence[tuple[Task, int]] = (),
-                 run_dir: str | Path | None = None, distributed: DistributedContext | None = None) -> None:
+                 run_dir: str | Path | None = None, distributed: DistributedContext | None = None,
+                 run_config: Mapping[str, Any] | None = None) -> None:
         self.optimizer = optimizer
+        self.run_config = run_config
         self.sample_task = sample_task
         self.flat = flat if flat is not None else FlatL2O()
         self.config = cfg = config or MetaTrainConfig()
@@ -263,6 +300,7 @@ class MetaTrainer:
         self._best_step: int | None = None
         self._seconds = 0.0
         self._checkpoints = TrainerCheckpointer(self)
+        self._resumed_from: int | None = None
 
     @property
     def horizon(self) -> int:
@@ -485,6 +523,57 @@ class MetaTrainer:
             offset += size
         return not bool(buffer[-1] > 0)
 
+    # ------------------------------------------------------------------ resume
+
+    def read_checkpoint(self) -> Checkpoint:
+        """The run folder's checkpoint, verified, on every rank (rank 0 reads and broadcasts).
+
+        Its ``state["run_config"]`` is the ``run_config`` the run was made with (absent in
+        checkpoints written before it was recorded): a host compares it with its own
+        before :meth:`resume`, and before writing anything into the folder.
+
+        Raises:
+            TrainingCheckpointError: No checkpoint, or a missing, corrupt or unreadable file.
+        """
+        return self._checkpoints.read()
+
+    def lock(self, *, create: bool = True) -> ContextManager[Any]:
+        """A ``with`` block holding the run folder's lock (rank 0), for a host that checks
+        and writes the folder itself around :meth:`train` (which takes it too).
+
+        Yields an object whose ``record_holder()`` writes this process into the lock file
+        once the host's checks passed. ``create``: create the folder if missing.
+
+        Raises:
+            RunFolderLockedError: Another process holds the folder.
+            ConfigError: ``run_dir`` is a file, lies under one, or cannot be created.
+        """
+        return self._checkpoints.lock(create=create)
+
+    def resume(self, checkpoint: Checkpoint | None = None) -> int:
+        """Restore the run folder's checkpoint (or ``checkpoint``) into this trainer.
+
+        :meth:`train` with ``resume=True`` then continues from it; it calls this itself
+        when nothing was restored yet. Only ``MetaTrainConfig.meta_steps`` and
+        ``checkpoint_every`` may differ from the checkpoint's config.
+
+        Returns:
+            The meta-step training continues with.
+
+        Raises:
+            TrainingCheckpointError: The checkpoint is unreadable or does not fit this
+                trainer (another config, learned optimizer, regularizers or task list);
+                the message names the file and the difference.
+        """
+        if self._resumed_from is not None:
+            return self._resumed_from
+        if self.run_dir is None:
+            raise ConfigError("MetaTrainer.resume() needs run_dir= to resume from")
+        checkpoint = checkpoint if checkpoint is not None else self._checkpoints.read()
+        self._checkpoints.restore(checkpoint)
+        self._resumed_from = checkpoint.step
+        return checkpoint.step
+
     # ------------------------------------------------------------------ the loop
 
     def train(self, *, progress: bool | Callable[[int], Any] = False, resume: bool = False) -> MetaTrainResult:
@@ -497,25 +586,31 @@ class MetaTrainer:
         Raises:
             TrainingCheckpointError: ``resume`` without a readable checkpoint that fits
                 this trainer, or a fresh start in a ``run_dir`` that already holds one.
+            RunFolderLockedError: Another process is running in ``run_dir``.
+            ConfigError: ``run_dir`` is a file, lies under one, or cannot be created.
             KeyboardInterrupt: Re-raised after writing a checkpoint at the last completed
                 meta-step (single process; under ``torch.distributed`` the last periodic
                 checkpoint is the resume point).
         """
-        cfg, dist_ctx = self.config, self.distributed
+        resume = resume or self._resumed_from is not None
         result = MetaTrainResult()
-        start = 0
-        if resume:
-            if self.run_dir is None:
-                raise ConfigError("MetaTrainer.train(resume=True) needs run_dir= to resume from")
-            checkpoint = self._checkpoints.read()
-            self._checkpoints.restore(checkpoint)
-            start = result.resumed_from = checkpoint.step
-        elif self.run_dir is not None:
-            self._checkpoints.refuse_fresh_start()
+        with self._checkpoints.lock(create=not resume) as lock:
+            start = 0
+            if resume:
+                start = result.resumed_from = self.resume()
+            elif self.run_dir is not None:
+                self._checkpoints.refuse_fresh_start()
+            lock.record_holder()  # the checks passed: the run starts
+            result.seconds = self._run(start, progress, result)
+        return result
+
+    def _run(self, start: int, progress: bool | Callable[[int], Any], result: MetaTrainResult) -> float:
+        """Meta-steps ``start .. meta_steps - 1``; fills ``result``; returns the wall time."""
+        cfg, dist_ctx = self.config, self.distributed
         metrics = self._open_metrics(start, result)
         checkpoints = self._checkpoints if self.run_dir is not None else None
         if checkpoints is not None:
-            checkpoints.track(start, saved=resume)
+            checkpoints.track(start, saved=self._resumed_from is not None)
         clock = time.perf_counter() - self._seconds
         bar = _progress_bar(cfg.meta_steps, progress if dist_ctx.is_main else False, initial=start)
         try:
@@ -545,8 +640,8 @@ class MetaTrainer:
             self.optimizer.load_state_dict(self._best_weights)
         result.best_score, result.best_step = self._best_score, self._best_step
         result.skipped, result.diverged = self.skipped, self.diverged
-        result.seconds = self._seconds = time.perf_counter() - clock
-        return result
+        self._seconds = time.perf_counter() - clock
+        return self._seconds
 
     def _open_metrics(self, start: int, result: MetaTrainResult) -> MetricsLog | None:
         """``metrics.jsonl`` cut back to ``start`` (rank 0 with a run folder), its records put in ``result``."""

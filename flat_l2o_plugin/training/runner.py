@@ -43,6 +43,7 @@ meta-batch over the ranks (:mod:`.distributed`); only rank 0 writes files. From 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -58,12 +59,13 @@ from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError
 from ..protocols import Task
 from ..tasks.seeds import TRAIN_SEEDS_START, VAL_SEEDS_START
-from .checkpoint import TrainingCheckpointError, checkpoint_dir
+from .checkpoint import Checkpoint, TrainingCheckpointError, checkpoint_dir
 from .distributed import init_distributed, shutdown_distributed
 from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
+from .run_folder import prepare_run_folder
 
-__all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "WEIGHTS_FILE", "build_learned_optimizer", "main", "normalize_spec",
-           "run_meta_training"]
+__all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "RESUMABLE_KEYS", "WEIGHTS_FILE", "build_learned_optimizer", "main",
+           "normalize_spec", "run_meta_training", "spec_differences"]
 
 CONFIG_FILE = "config.json"
 """The echoed spec inside a run folder."""
@@ -78,8 +80,14 @@ _DEFAULTS: dict[str, Any] = {"optimizer": {"name": "rnnprop", "options": {}},
                              "task": {"name": "mlp_digits", "options": {}},
                              "regularizers": {}, "trainer": {}, "val_tasks": 3, "threads": None,
                              "wrappers": [], "plugins": {"load": None, "disable": [], "strict": False}}
-_RESUMABLE_TRAINER_FIELDS = ("meta_steps", "checkpoint_every")
 _OPTIMIZER_KEYS = ("name", "options", "module", "weights", "python_path")
+
+RESUMABLE_KEYS = ("threads", "trainer.checkpoint_every", "trainer.meta_steps")
+"""The spec entries a resumed run may change: the thread count, how often it checkpoints,
+and its length (``trainer.meta_steps``, not below the checkpoint's step; a cosine
+schedule stretches to the new length). Everything else must equal the checkpoint's."""
+
+_ABSENT = object()
 
 
 def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,36 +146,101 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     write_atomically(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"), ConfigError)
 
 
-def _check_resumed_spec(path: Path, spec: dict[str, Any]) -> None:
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def spec_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two specs, except :data:`RESUMABLE_KEYS`."""
+    before, after = _flatten(saved), _flatten(now)
+    return [key for key in sorted(set(before) | set(after))
+            if key not in RESUMABLE_KEYS and before.get(key, _ABSENT) != after.get(key, _ABSENT)]
+
+
+def _run_config(spec: Mapping[str, Any], config: MetaTrainConfig) -> dict[str, Any]:
+    # The trainer section complete, so that a default written out equals a default left out.
+    return json.loads(json.dumps({**spec, "trainer": dataclasses.asdict(config)}))
+
+
+def _check_resumed_spec(checkpoint: Checkpoint, run_config: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume ``checkpoint`` with a configuration other than the one it was made with."""
+    saved = checkpoint.state.get("run_config")
+    where = checkpoint_dir(run_dir) or run_dir
+    if saved is None:
+        # Written before checkpoints recorded their configuration: the echoed spec is all there is.
+        saved, where = _legacy_spec(run_dir), run_dir / CONFIG_FILE
+        if saved is None:
+            return
+        run_config = {**run_config, "trainer": {k: run_config["trainer"].get(k) for k in saved.get("trainer", {})}}
+    changed = spec_differences(saved, run_config)
+    if changed:
+        before, after = _flatten(saved), _flatten(run_config)
+        shown = "; ".join(f"{k}: {_show(before.get(k, _ABSENT))} -> {_show(after.get(k, _ABSENT))}"
+                          for k in changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise TrainingCheckpointError(f"{where} was made with another configuration ({shown}); resume with the "
+                                      f"configuration the run started with (only {', '.join(RESUMABLE_KEYS)} may "
+                                      f"change) or start a new run folder")
+
+
+def _legacy_spec(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
-        return
+        return None
     try:
         # Normalized like the spec, so a folder written before a key gained a default still compares equal.
         saved = normalize_spec(json.loads(path.read_text(encoding="utf-8")))
-    except ValueError as exc:  # invalid JSON, or a ConfigError
-        raise TrainingCheckpointError(f"run config {path} is not a valid run spec ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # invalid JSON, or a ConfigError
+        raise TrainingCheckpointError(f"run config {path} is not a valid run spec ({exc})") from None
+    return saved
 
-    def comparable(s: Mapping[str, Any]) -> dict[str, Any]:
-        trainer = {k: v for k, v in s.get("trainer", {}).items() if k not in _RESUMABLE_TRAINER_FIELDS}
-        return {**s, "trainer": trainer}
 
-    if comparable(saved) != comparable(spec):
-        changed = sorted(k for k in set(saved) | set(spec) if comparable(saved).get(k) != comparable(spec).get(k))
-        raise TrainingCheckpointError(f"run config {path} differs from this spec in {changed}; resume with the spec "
-                                      f"the run started with (only trainer.meta_steps and trainer.checkpoint_every "
-                                      f"may change) or start a new run folder")
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)[:60]
+
+
+def _seed_everything(seed: int) -> None:
+    """torch's, Python's and NumPy's global generators, so that two runs of one spec are identical."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed % 2**32, seed // 2**32])  # NumPy's legacy seeding takes 32-bit words
+
+
+def _build(pm: Any, kind: str, part: str, entry: Mapping[str, Any]) -> Any:
+    from ..config import check_option_types
+
+    info = pm.component(kind, entry["name"])
+    check_option_types(info.factory, entry["options"], f"spec.{part}.options")
+    try:
+        return info.create(**entry["options"])
+    except FlatL2OError as exc:
+        raise ConfigError(f"spec.{part}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"spec.{part}.options: {exc}") from exc
 
 
 def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], *, resume: bool = False,
                       progress: bool = False) -> MetaTrainResult:
     """Meta-train the learned optimizer ``spec`` describes, writing the run into ``run_dir``.
 
+    The run folder is locked for the whole run (:mod:`.run_folder`); nothing in it is
+    written before every check passed, so a refused call leaves it byte for byte as it
+    was.
+
     Args:
         spec: The run, as plain data (see the module docstring).
         run_dir: The run folder (created if missing).
-        resume: Continue from ``run_dir/checkpoint/`` (the spec must match
-            ``run_dir/config.json`` except for ``trainer.meta_steps`` and
-            ``trainer.checkpoint_every``).
+        resume: Continue from ``run_dir/checkpoint/``. The spec must be the one the
+            checkpoint records, except for :data:`RESUMABLE_KEYS` (the run length,
+            the checkpoint rate, the thread count).
         progress: Show a progress bar (rank 0 only).
 
     Returns:
@@ -175,9 +248,12 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
         ``run_dir/optimizer.safetensors``.
 
     Raises:
-        ConfigError: A bad spec (the message names the field).
-        TrainingCheckpointError: ``resume`` without a usable checkpoint, or a fresh start
-            in a folder that holds one.
+        ConfigError: A bad spec (the message names the field), or a ``run_dir`` that is
+            empty, a file, under a file, or cannot be created.
+        TrainingCheckpointError: ``resume`` without a usable checkpoint, with another
+            configuration than the checkpoint's, or a fresh start in a folder that
+            holds one.
+        RunFolderLockedError: Another process runs in ``run_dir`` (the message names it).
 
     Example:
         >>> result = run_meta_training({"trainer": {"meta_steps": 100, "unroll": 10, "horizon": 50}},
@@ -190,27 +266,29 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
     from ..wrappers import FlatnessAware, unwrap
 
     spec = normalize_spec(spec)
-    run_dir = Path(run_dir)
+    run_dir = prepare_run_folder(run_dir, create=False)
     try:
         config = MetaTrainConfig(**spec["trainer"])
     except TypeError as exc:
         raise ConfigError(f"spec.trainer: {exc}; the fields are those of MetaTrainConfig") from exc
     except ConfigError as exc:
         raise ConfigError(f"spec.trainer: {exc}") from exc
+    run_config = _run_config(spec, config)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     context = init_distributed()
     threads = torch.get_num_threads()
     try:
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
-        if context.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                _check_resumed_spec(run_dir / CONFIG_FILE, spec)
-        torch.manual_seed(config.seed)
+        _seed_everything(config.seed)
         pm = config_from_dict({"plugins": spec["plugins"]}).plugin_manager()
+        if spec["optimizer"]["name"] is not None:
+            from ..config import check_option_types
+
+            factory = pm.component("optimizers", spec["optimizer"]["name"]).factory
+            check_option_types(factory, spec["optimizer"]["options"], "spec.optimizer.options")
         model = build_optimizer(spec["optimizer"], pm)
-        optimizee = pm.component("tasks", spec["task"]["name"]).create(**spec["task"]["options"])
+        optimizee = _build(pm, "tasks", "task", spec["task"])
         flat = FlatL2O(spec["regularizers"], plugin_manager=pm)
         learned = _stack(model, spec["optimizer"], spec["wrappers"], pm)
         for layer in unwrap(learned):
@@ -218,18 +296,26 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
                 layer.attach(flat)  # the reference host asks its facade; the wrapper answers
         trainer = MetaTrainer(learned, _TrainSeeds(optimizee), flat=flat, config=config, run_dir=run_dir,
                               val_tasks=[(optimizee, VAL_SEEDS_START + i) for i in range(spec["val_tasks"])],
-                              distributed=context)
-        if context.is_main and (resume or checkpoint_dir(run_dir) is None):
-            # Echoed only once the run is known to start: a refused fresh start leaves
-            # the folder's config as it was.
-            _write_json_atomically(run_dir / CONFIG_FILE, spec)
-            _write_json_atomically(run_dir / PROVENANCE_FILE, provenance(pm))
-        result = trainer.train(progress=progress, resume=resume)
-        if context.is_main and spec["optimizer"].get("module") is not None:
-            save_module_weights(run_dir / WEIGHTS_FILE, model, spec=spec["optimizer"])
-        elif context.is_main:
-            save_learned_optimizer(run_dir / WEIGHTS_FILE, model, name=spec["optimizer"]["name"],
-                                   options=spec["optimizer"]["options"])
+                              distributed=context, run_config=run_config)
+        with trainer.lock(create=not resume) as lock:
+            if resume:
+                checkpoint = trainer.read_checkpoint()
+                _check_resumed_spec(checkpoint, run_config, run_dir)
+                trainer.resume(checkpoint)
+            elif context.is_main and checkpoint_dir(run_dir) is not None:
+                raise TrainingCheckpointError(f"{checkpoint_dir(run_dir)} already holds a checkpoint of this run "
+                                              f"folder; pass --resume to continue it, or choose a new run folder")
+            if context.is_main:
+                # Every check passed: only now does anything in the folder change.
+                lock.record_holder()
+                _write_json_atomically(run_dir / CONFIG_FILE, spec)
+                _write_json_atomically(run_dir / PROVENANCE_FILE, provenance(pm))
+            result = trainer.train(progress=progress, resume=resume)
+            if context.is_main and spec["optimizer"].get("module") is not None:
+                save_module_weights(run_dir / WEIGHTS_FILE, model, spec=spec["optimizer"])
+            elif context.is_main:
+                save_learned_optimizer(run_dir / WEIGHTS_FILE, model, name=spec["optimizer"]["name"],
+                                       options=spec["optimizer"]["options"])
         return result
     finally:
         torch.set_num_threads(threads)

@@ -9,7 +9,12 @@ state that makes a resume exact:
 - every RNG: torch's global one (and CUDA's), Python's, NumPy's, and each slot's;
 - each slot's in-flight :class:`~.trajectory.Trajectory` and estimator state;
 - the counters, the curriculum, the best weights and score, the wall time;
-- the ``MetaTrainConfig`` and the estimators' fingerprint, to refuse another run's checkpoint.
+- the ``MetaTrainConfig``, the estimators' fingerprint and the host's ``run_config``, to
+  refuse another run's checkpoint.
+
+Restoring validates ``trainer.json`` against the layout this module writes before it
+touches the trainer: a value of the wrong type is an error naming the file and the
+entry, never a crash in the middle of the run that follows.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -30,12 +36,13 @@ from .checkpoint import (CHECKPOINT_DIR, Checkpoint, TrainingCheckpointError, ch
                          encode_floats, load_checkpoint, save_checkpoint)
 from .imitation import Teacher
 from .metrics import MetricsLog
+from .run_folder import RunLock, prepare_run_folder
 from .trajectory import Trajectory
 
 if TYPE_CHECKING:
     from .meta_trainer import MetaTrainer
 
-__all__ = ["RESUMABLE_FIELDS", "TrainerCheckpointer"]
+__all__ = ["RESUMABLE_FIELDS", "STATE_LAYOUT", "TrainerCheckpointer", "validate_state"]
 
 # The trainer's logger: interruption messages read as the trainer's, as they always have.
 logger = logging.getLogger("flat_l2o_plugin.training.meta_trainer")
@@ -67,6 +74,26 @@ class TrainerCheckpointer:
         if self.trainer.run_dir is None:
             raise ConfigError("MetaTrainer has no run_dir= to write checkpoints to or resume from")
         return self.trainer.run_dir
+
+    # ------------------------------------------------------------------ the folder
+
+    @contextmanager
+    def lock(self, *, create: bool) -> Iterator[RunLock | _Unlocked]:
+        """Hold the run folder's lock (rank 0) for the ``with`` block; create the folder if ``create``.
+
+        Without a ``run_dir``, on other ranks, or when resuming from a folder that does
+        not exist (the read then says so), there is nothing to lock.
+        """
+        t = self.trainer
+        if t.run_dir is None or not t.distributed.is_main:
+            yield _Unlocked()
+            return
+        prepare_run_folder(t.run_dir, create=create)
+        if not t.run_dir.is_dir():
+            yield _Unlocked()
+            return
+        with RunLock(t.run_dir) as held:
+            yield held
 
     # ------------------------------------------------------------------ during a run
 
@@ -156,6 +183,8 @@ class TrainerCheckpointer:
             "learned_optimizer": type(t.optimizer).__qualname__,
             "world_size": t.distributed.world_size,
         }
+        if t.run_config is not None:
+            state["run_config"] = as_json(t.run_config)
         weights = {k: v.detach().clone() for k, v in t.optimizer.state_dict().items()}
         return Checkpoint(step=step, weights=weights, best_weights=t._best_weights, tensors=tensors, state=state)
 
@@ -206,12 +235,18 @@ class TrainerCheckpointer:
         """Load ``checkpoint`` into the trainer; raise if it belongs to another run."""
         folder = checkpoint_dir(self.run_dir) or self.run_dir / CHECKPOINT_DIR
         state_file = folder / "trainer.json"
+        validate_state(checkpoint.state, state_file)
         try:
             self._check_compatible(checkpoint, folder)
             self._restore_state(checkpoint, state_file)
         except KeyError as exc:
             raise TrainingCheckpointError(f"checkpoint {folder} lacks the entry {exc}; it was written by another "
                                           f"version of this trainer and cannot be resumed") from exc
+        except (TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
+            if isinstance(exc, TrainingCheckpointError):
+                raise
+            raise TrainingCheckpointError(f"checkpoint {folder} does not hold what this trainer wrote "
+                                          f"({type(exc).__name__}: {one_line(exc)}); it cannot be resumed") from exc
 
     def _check_compatible(self, checkpoint: Checkpoint, folder: Path) -> None:
         t = self.trainer
@@ -224,6 +259,15 @@ class TrainerCheckpointer:
             raise TrainingCheckpointError(f"checkpoint file {state_file} was written with another MetaTrainConfig: "
                                           f"{details}; resume with the same config (only {', '.join(RESUMABLE_FIELDS)}"
                                           f" may change) or start a new run_dir")
+        if t.config.meta_steps < checkpoint.step:
+            raise TrainingCheckpointError(f"checkpoint file {state_file} is at meta-step {checkpoint.step}, past "
+                                          f"meta_steps={t.config.meta_steps}; resume with meta_steps >= "
+                                          f"{checkpoint.step}")
+        allowed = {k: (saved.get(k), now.get(k)) for k in RESUMABLE_FIELDS if saved.get(k) != now.get(k)}
+        if allowed and t.distributed.is_main:
+            logger.warning("resuming %s at meta-step %d with %s (a run's %s may change on resume)", folder,
+                           checkpoint.step, ", ".join(f"{k} changed from {a} to {b}" for k, (a, b) in allowed.items()),
+                           " and ".join(RESUMABLE_FIELDS))
         fingerprint = as_json(t._estimators.fingerprint)
         if state["estimators"] != fingerprint:
             raise TrainingCheckpointError(f"checkpoint file {state_file} was written with other activated "
@@ -234,7 +278,7 @@ class TrainerCheckpointer:
         except RuntimeError as exc:
             raise TrainingCheckpointError(f"checkpoint file {folder / 'weights.safetensors'} does not fit this "
                                           f"learned optimizer ({type(t.optimizer).__name__}; the checkpoint's was "
-                                          f"{state.get('learned_optimizer')}): {exc}") from exc
+                                          f"{state.get('learned_optimizer')}): {one_line(exc)}") from exc
         if sorted(int(k) for k in state["slots"]) != list(range(t.config.meta_batch)):
             raise TrainingCheckpointError(f"checkpoint file {state_file} holds trajectory slots "
                                           f"{sorted(state['slots'])}, expected 0 .. {t.config.meta_batch - 1}")
@@ -255,7 +299,7 @@ class TrainerCheckpointer:
             t.meta_optimizer.load_state_dict({"state": moments, "param_groups": groups})
         except (ValueError, RuntimeError) as exc:
             raise TrainingCheckpointError(f"checkpoint file {state_file}: the meta-optimizer state does not fit "
-                                          f"this learned optimizer's weights ({exc})") from exc
+                                          f"this learned optimizer's weights ({one_line(exc)})") from exc
 
         torch.set_rng_state(tensors["rng/torch"])
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
@@ -335,3 +379,121 @@ def _export_trajectory(traj: Trajectory | None, prefix: str, tensors: dict[str, 
     return {"task": traj.task.name, "seed": traj.seed, "horizon": traj.horizon, "step": traj.step,
             "initial_loss": traj.initial_loss, "params": len(traj.params), "state_keys": list(traj.state),
             "device": str(traj.params[0].device) if traj.params else "cpu", "teacher": teacher}
+
+
+class _Unlocked:
+    """Stands in for a :class:`RunLock` where there is nothing to lock."""
+
+    def record_holder(self) -> None:
+        pass
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message on one line (torch's errors span several), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ------------------------------------------------------------------ trainer.json's layout
+
+class _Optional:
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+
+class _DictOf:
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+
+_NUMBER = "number"  # int or float, inf and nan included (a best score starts at -inf)
+_COUNT = "count"  # an int >= 0
+_ANY = "any"  # compared as a whole elsewhere (config, fingerprints) or checked by its owner
+
+_TEACHER = {"lr": _NUMBER, "betas": [_NUMBER], "eps": _NUMBER, "rho": _NUMBER, "step": _COUNT, "moments": _COUNT}
+_TRAJECTORY = {"task": str, "seed": int, "horizon": _COUNT, "step": _COUNT, "initial_loss": _Optional(_NUMBER),
+               "params": _COUNT, "state_keys": [str], "device": str, "teacher": _Optional(_TEACHER)}
+STATE_LAYOUT: dict[str, Any] = {
+    "config": dict,
+    "seconds": _NUMBER,
+    "skipped": _COUNT,
+    "diverged": _COUNT,
+    "best_score": _NUMBER,
+    "best_step": _Optional(_COUNT),
+    "curriculum": _Optional({"stage": _COUNT, "stale": _COUNT, "stage_best": _NUMBER}),
+    "meta_optimizer": {"param_groups": [dict], "state": _DictOf(dict)},
+    "rng": {"python": (int, [int], _Optional(_NUMBER)), "numpy": (str, int, int, _NUMBER)},
+    "estimators": _ANY,
+    "slots": _DictOf({"trajectory": _Optional(_TRAJECTORY), "estimators": _ANY}),
+}
+"""What :meth:`TrainerCheckpointer.capture` writes to ``trainer.json`` (``run_config``,
+``learned_optimizer`` and ``world_size`` are informative or compared as a whole)."""
+
+
+def validate_state(state: Any, state_file: Path) -> None:
+    """Check ``state`` (a parsed ``trainer.json``) against :data:`STATE_LAYOUT`.
+
+    Raises:
+        TrainingCheckpointError: An entry is missing or of the wrong type; the message
+            names the file and the entry (``slots.0.trajectory.step``).
+    """
+    _check(state, STATE_LAYOUT, "", state_file)
+
+
+def _check(value: Any, spec: Any, where: str, state_file: Path) -> None:
+    def fail(expected: str) -> None:
+        shown = json.dumps(value)[:60] if _jsonable(value) else type(value).__name__
+        raise TrainingCheckpointError(f"checkpoint file {state_file}: {where or 'the top level'} must be {expected}, "
+                                      f"got {shown}; the file was not written by this trainer or was edited")
+
+    if spec == _ANY:
+        return
+    if isinstance(spec, _Optional):
+        if value is not None:
+            _check(value, spec.spec, where, state_file)
+        return
+    if spec == _NUMBER:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail("a number")
+    elif spec == _COUNT:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            fail("an integer >= 0")
+    elif spec in (int, str, dict):
+        if not isinstance(value, spec) or isinstance(value, bool):
+            fail({int: "an integer", str: "a string", dict: "an object"}[spec])
+    elif isinstance(spec, dict):
+        if not isinstance(value, dict):
+            fail("an object")
+        for key, sub in spec.items():
+            if key not in value:
+                raise TrainingCheckpointError(f"checkpoint file {state_file}: {_join(where, key)} is missing; the "
+                                              f"file was not written by this trainer or was edited")
+            _check(value[key], sub, _join(where, key), state_file)
+    elif isinstance(spec, _DictOf):
+        if not isinstance(value, dict):
+            fail("an object")
+        for key, item in value.items():
+            _check(item, spec.spec, _join(where, key), state_file)
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            fail("a list")
+        for index, item in enumerate(value):
+            _check(item, spec[0], _join(where, str(index)), state_file)
+    elif isinstance(spec, tuple):
+        if not isinstance(value, list) or len(value) != len(spec):
+            fail(f"a list of {len(spec)} entries")
+        for index, (item, sub) in enumerate(zip(value, spec)):
+            _check(item, sub, _join(where, str(index)), state_file)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+

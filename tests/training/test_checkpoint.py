@@ -45,8 +45,9 @@ def test_layout_is_safetensors_and_json_with_a_manifest(run):
     tensors = load_file(folder / "trainer.safetensors")
     assert tensors["rng/torch"].dtype == torch.uint8
     assert {"slot/0/generator", "slot/1/generator", "slot/0/trajectory/batches"} <= set(tensors)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl",
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "config.json", "metrics.jsonl",
                                                      "optimizer.safetensors", "provenance.json"]
+    assert (run / ".lock").read_bytes() == b""  # the holder's description is cleared when the run ends
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "trainer.safetensors", "trainer.json"])
@@ -105,7 +106,8 @@ def test_resuming_with_another_spec_or_a_fresh_start_over_a_checkpoint_is_refuse
         run_meta_training(small_spec, run)
     changed = copy.deepcopy(small_spec)
     changed["trainer"]["unroll"] = 1
-    with pytest.raises(TrainingCheckpointError, match=r"config.json differs from this spec in \['trainer'\]"):
+    with pytest.raises(TrainingCheckpointError, match=r"checkpoint was made with another configuration "
+                                                     r"\(trainer.unroll: 2 -> 1\)"):
         run_meta_training(changed, run, resume=True)
 
 
