@@ -8,13 +8,21 @@ JSON object::
     {"format_version": 1,
      "optimizer": "rnnprop",                      # the registered name
      "options": {"hidden_size": 20, ...},         # keyword options of the factory
-     "package_version": "0.1.0"}                  # flat-l2o-plugin that wrote it
+     "package_version": "0.1.0",                  # flat-l2o-plugin that wrote it
+     "tensors_sha256": "9f86d0..."}               # digest of the tensors (see below)
 
 Config and weights live in one file, so a single atomic rename publishes both: there is
 never a moment at which a reader could see new weights next to an old config. Loading
 rebuilds the module through the plugin registry (``OptimizerInfo.create(**options)``),
 so a file written with a third-party learned optimizer loads wherever that plugin is
 installed, and safetensors never executes code, unlike a pickle.
+
+``tensors_sha256`` is the SHA-256 of every tensor, in sorted key order, each as its
+key, dtype and shape (``"key\\0torch.float32\\0(20, 2)\\0"`` in UTF-8) followed by its
+bytes in C order, little-endian, as stored. Loading recomputes it and refuses a file
+whose tensors changed since it was written (a flipped bit, a truncated copy that still
+parses). Files written before the digest existed carry none and load unchecked, as they
+always did; saving one again adds it.
 
 ``options`` are recorded complete: the options given to :func:`save_learned_optimizer`
 on top of the registry's defaults and the factory's own keyword defaults. A file
@@ -25,9 +33,11 @@ model.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +56,7 @@ __all__ = [
     "load_learned_optimizer",
     "read_learned_optimizer_config",
     "save_learned_optimizer",
+    "tensors_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -55,6 +66,7 @@ METADATA_KEY = "flat_l2o_plugin.learned_optimizer"
 """The safetensors metadata entry holding the JSON config."""
 
 _CONFIG_FIELDS = ("format_version", "optimizer", "options", "package_version")
+_DIGEST_FIELD = "tensors_sha256"
 
 
 class WeightsError(ConfigError):
@@ -132,17 +144,18 @@ def save_learned_optimizer(
     rebuilt = _build(info, name, complete, path)
     _check_tensors(path, rebuilt.state_dict(), optimizer.state_dict(), saved_side="the module given")
 
-    config = {
-        "format_version": FORMAT_VERSION,
-        "optimizer": name,
-        "options": complete,
-        "package_version": __version__,
-    }
     tensors = {
         # safetensors refuses tensors that share storage (tied weights) or are not
         # contiguous; a fresh contiguous CPU copy of each is always accepted.
         key: value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
         for key, value in optimizer.state_dict().items()
+    }
+    config = {
+        "format_version": FORMAT_VERSION,
+        "optimizer": name,
+        "options": complete,
+        "package_version": __version__,
+        _DIGEST_FIELD: tensors_digest(tensors),
     }
     payload = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)})
     write_atomically(path, payload, WeightsError)
@@ -208,6 +221,12 @@ def load_learned_optimizer(path: str | os.PathLike[str], *, plugin_manager: Any 
                 f"truncated: write it again with save_learned_optimizer()"
             ) from exc
 
+    recorded = config.get(_DIGEST_FIELD)
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise WeightsError(
+            f"learned optimizer file {path} is corrupted: its tensors' SHA-256 differs from the one recorded when "
+            f"it was written; restore the file from a copy or write it again"
+        )
     name, options = config["optimizer"], config["options"]
     info = _optimizer_info(name, plugin_manager, path)
     module = _build(info, name, options, path)
@@ -293,7 +312,31 @@ def _parse_config(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
         raise WeightsError(
             f"{where}: 'options' must be a JSON object of keyword options, got {config['options']!r}"
         )
+    digest = config.get(_DIGEST_FIELD)
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise WeightsError(f"{where}: {_DIGEST_FIELD!r} must be 64 hex digits, got {digest!r}")
     return config
+
+
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """The SHA-256 of ``tensors`` as the weights file records it (see the module docstring).
+
+    Args:
+        tensors: A ``state_dict``-like mapping of CPU or device tensors.
+
+    Returns:
+        64 hex digits.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode("utf-8"))
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        if sys.byteorder == "big" and tensor.element_size() > 1:  # pragma: no cover - big-endian hosts
+            data = tensor.reshape(-1).view(torch.uint8).reshape(-1, tensor.element_size()).flip(1).numpy().tobytes()
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _optimizer_info(name: str, plugin_manager: Any, path: Path) -> Any:

@@ -23,6 +23,7 @@ from flat_l2o_plugin.optimizers.weights import (
     load_learned_optimizer,
     read_learned_optimizer_config,
     save_learned_optimizer,
+    tensors_digest,
 )
 
 
@@ -266,6 +267,7 @@ def _config(**overrides) -> str:
         ({METADATA_KEY: _config(optimizer="")}, "'optimizer' must be a registered name"),
         ({METADATA_KEY: _config(options={"hidden_size": 0})}, "cannot build 'rnnprop'.*hidden_size"),
         ({METADATA_KEY: _config(options={"no_such_option": 1})}, "no_such_option"),
+        ({METADATA_KEY: _config(tensors_sha256="abc")}, "'tensors_sha256' must be 64 hex digits"),
     ],
 )
 def test_bad_metadata_is_named(tmp_path: Path, pm, metadata, message: str) -> None:
@@ -313,3 +315,34 @@ def test_save_refuses_a_config_that_does_not_rebuild_the_module(tmp_path: Path, 
         save_learned_optimizer(tmp_path / "r.safetensors", RNNProp(), name="nope", plugin_manager=pm)
     assert _folder_listing(tmp_path) == []
     assert issubclass(WeightsError, ConfigError)
+
+
+# ---------------------------------------------------------------------- tensor digest
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_refused_in_one_line_naming_the_file(tmp_path: Path, pm, capsys) -> None:
+    path = save_learned_optimizer(tmp_path / "r.safetensors", _perturbed(RNNProp()), name="rnnprop",
+                                  plugin_manager=pm)
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + (len(data) - 8 - header) // 2] ^= 0x04  # one bit of one weight, the header untouched
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"r\.safetensors is corrupted: its tensors' SHA-256") as info:
+        load_learned_optimizer(path, plugin_manager=pm)
+    assert "\n" not in str(info.value)
+
+    from flat_l2o_plugin.cli import main
+
+    assert main(["evaluate", str(path), "--seeds", "1", "--steps", "1", "--no-flatness"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is corrupted" in err and str(path) in err
+
+
+def test_a_file_written_before_the_digest_existed_loads_and_a_new_save_adds_one(tmp_path: Path, pm) -> None:
+    original = _perturbed(RNNProp())
+    path = _write_raw(tmp_path / "old.safetensors", original.state_dict(), {METADATA_KEY: _config()})
+    loaded = load_learned_optimizer(path, plugin_manager=pm)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), original.state_dict().values()))
+    save_learned_optimizer(path, loaded, name="rnnprop", plugin_manager=pm)
+    digest = read_learned_optimizer_config(path)["tensors_sha256"]
+    assert digest == tensors_digest(original.state_dict()) and len(digest) == 64
