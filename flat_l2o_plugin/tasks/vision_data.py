@@ -57,6 +57,7 @@ DATA_ROOT_ENV = "FLAT_L2O_DATA"
 MNIST_FOLDER = Path("MNIST", "raw")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
+MNIST_LEGACY_FOLDER = Path("MNIST", "processed")  # torchvision's old format (training.pt, test.pt): read first
 CIFAR10_FOLDER = Path("cifar-10-batches-py")
 CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 
@@ -140,14 +141,24 @@ def _mnist(root: Path, val_size: int, train_samples: int | None) -> Dataset:
     MNIST = import_extra("torchvision.datasets", "data", "dataset 'mnist'").MNIST  # noqa: N806 - a class
 
     parts = []
+    legacy = root / MNIST_LEGACY_FOLDER
     for train in (True, False):
+        legacy_file = legacy / ("training.pt" if train else "test.pt")
         try:
             source = MNIST(str(root), train=train, download=False)
-        except (AssertionError, RuntimeError, TypeError, ValueError, KeyError) as exc:
+        except (pickle.UnpicklingError, EOFError, AssertionError, RuntimeError, TypeError, ValueError, KeyError,
+                AttributeError, ImportError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            if (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file():
+                # torchvision prefers its old processed files to the raw idx files when both exist.
+                raise DataFormatError(
+                    f"dataset 'mnist': refused {legacy_file}: torchvision reads this legacy file before the raw "
+                    f"idx files, and it is not a plain tensor file ({type(exc).__name__}: {reason}); nothing in it "
+                    f"ran. Remove {legacy} to read the raw files") from exc
             which = "train-*" if train else "t10k-*"
             raise DataFormatError(
                 f"dataset 'mnist': {root / MNIST_FOLDER}/{which} could not be read as idx files "
-                f"({type(exc).__name__}: {exc}); replace them with the original MNIST files") from exc
+                f"({type(exc).__name__}: {reason}); replace them with the original MNIST files") from exc
         images, labels = source.data, source.targets
         _check_labels("mnist", root / MNIST_FOLDER, images, labels)
         parts += [images.unsqueeze(1).to(torch.float32) / 255.0, labels.to(torch.long)]

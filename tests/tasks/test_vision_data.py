@@ -162,3 +162,29 @@ def test_a_malformed_cifar10_batch_is_a_format_error(tmp_path):
         pickle.dump({"data": np.zeros((2, 100), dtype=np.uint8), "labels": [0, 1]}, handle)
     with pytest.raises(DataFormatError, match=r"test_batch: 'data' must be a uint8 array of shape \(n, 3072\)"):
         load_dataset("cifar10", root=tmp_path, val_size=4)
+
+
+class _Marker:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_legacy_mnist_pickle_that_names_code_is_refused_naming_the_file(tmp_path):
+    # torchvision reads MNIST/processed/{training,test}.pt before the raw idx files.
+    write_mnist(tmp_path)
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    ran = tmp_path / "code-ran"
+    for name in ("training.pt", "test.pt"):
+        with (processed / name).open("wb") as handle:
+            pickle.dump(_Marker(ran), handle)
+    with pytest.raises(DataFormatError) as raised:
+        load_dataset("mnist", root=tmp_path, val_size=5)
+    message = str(raised.value)
+    assert f"refused {processed / 'training.pt'}" in message and "\n" not in message
+    assert not ran.exists()
