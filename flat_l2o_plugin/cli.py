@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,8 +25,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     from .manager import get_plugin_manager
 
     pm = get_plugin_manager()
-    pm.components  # noqa: B018 - fills each record's registered components
+    pm.collect_components()  # fills each record's components and conflicts, and never refuses a clash
     records = [r for r in pm.records.values() if args.all or r.status != "disabled"]
+    for conflict in pm.conflicts:
+        print(f"flat-l2o: conflict: {conflict}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.as_dict() for r in records], indent=2))
         return 0
@@ -39,6 +43,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    hooks: {', '.join(r.hooks)}")
         for kind, names in sorted(r.components.items()):
             print(f"    {kind}: {', '.join(names)}")
+        for conflict in r.conflicts:
+            print(f"    conflict: {conflict}")
     return 0
 
 
@@ -167,17 +173,25 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_meta_train(args: argparse.Namespace) -> int:
-    from .config import load_config, validate_components
+    from .config import Config, load_config, validate_components
     from .training.runner import WEIGHTS_FILE, run_meta_training
 
     config = load_config(args.config, table=args.table, overrides=args.set or [])
-    if args.run_dir:
+    if args.run_dir is not None:
         config.run_dir = args.run_dir
+    if not config.run_dir.strip():
+        raise ConfigError("run_dir is empty; name a folder for the run (--run-dir or run_dir in the config)")
     validate_components(config)
     spec = config.as_dict()
     run_dir = spec.pop("run_dir")
+    defaults = Config().as_dict()
+    if spec == {k: v for k, v in defaults.items() if k != "run_dir"}:
+        print(f"flat-l2o: note: {args.config} sets nothing beyond the defaults: a default run of "
+              f"{config.trainer.meta_steps} meta-steps ({config.optimizer.name} on {config.task.name}) in {run_dir}",
+              file=sys.stderr)
     print(f"meta-training {config.optimizer.name or config.optimizer.module} on {config.task.name}; run folder "
           f"{run_dir}", file=sys.stderr)
+    _log_to_stderr()
     try:
         result = run_meta_training(spec, run_dir, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -199,6 +213,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .optimizers.weights import load_learned_optimizer, read_learned_optimizer_config
     from .training.experiment import EVAL_SEEDS_START, evaluate
 
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (the number of optimizee init seeds), got {args.seeds}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    for lr in args.adam or []:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"--adam must be a finite learning rate > 0, got {lr}")
     options: dict = {}
     for text in args.task_option or []:
         path, value = parse_override(text)
@@ -333,7 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """Show the library's warnings (divergence, resume notes) as ``flat-l2o: ...`` lines."""
+    package = logging.getLogger("flat_l2o_plugin")
+    if not any(getattr(h, "_flat_l2o_cli", False) for h in package.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("flat-l2o: %(message)s"))
+        handler._flat_l2o_cli = True  # type: ignore[attr-defined]
+        package.addHandler(handler)
+        if package.level == logging.NOTSET:
+            package.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 success, 2 bad input, 1 failure, 130 Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -351,3 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flat-l2o: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or an error nobody anticipated: still one line
+        if args.debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(f"flat-l2o: internal error: {type(exc).__name__}: {text} (run with --debug for the traceback, and "
+              f"please report it)", file=sys.stderr)
+        return 1

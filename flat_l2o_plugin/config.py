@@ -65,7 +65,7 @@ from .training.meta_trainer import MetaTrainConfig
 
 __all__ = [
     "Config", "ComponentSpec", "OptimizerSpec", "PluginsConfig", "UnknownKeyError", "ConfigValueError",
-    "load_config", "config_from_dict", "parse_override", "provenance", "validate_components",
+    "load_config", "config_from_dict", "parse_override", "provenance", "validate_components", "check_option_types",
 ]
 
 
@@ -330,9 +330,18 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def _read_file(path: Path, table: str | None = None) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; give the .toml/.yaml/.json file in it")
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); is it a config "
+                          f"file?") from None
+    except (OSError, ValueError) as exc:  # unreadable, or a NUL byte in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({reason})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -477,6 +486,36 @@ def _jsonable(data: Any) -> bool:
     return True
 
 
+def _checkable(tp: Any) -> bool:
+    """Whether :func:`_coerce` can check a value against ``tp`` (plain data types only)."""
+    if tp is Any or tp in (bool, int, float, str, list, tuple, dict, type(None)):
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType, list, tuple, Sequence, dict, Mapping):
+        return all(_checkable(a) for a in typing.get_args(tp) if a is not Ellipsis)
+    return False
+
+
+def check_option_types(factory: Any, options: Mapping[str, Any], where: str) -> None:
+    """Check ``options`` against the type hints of ``factory``'s keyword parameters.
+
+    Only plain-data hints (numbers, strings, booleans, lists, tables and their unions)
+    are checked; anything else is left to the factory.
+
+    Raises:
+        ConfigValueError: An option of the wrong type, named as ``<where>.<option>``.
+    """
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # hints that do not resolve here: the factory checks its own arguments
+        return
+    for key, value in options.items():
+        tp = hints.get(key)
+        if tp is not None and _checkable(tp):
+            _coerce(value, tp, f"{where}.{key}")
+
+
 def validate_components(config: Config, plugin_manager: Any = None) -> None:
     """Check that every named component exists and accepts its options.
 
@@ -489,18 +528,25 @@ def validate_components(config: Config, plugin_manager: Any = None) -> None:
             load, and the plugins that were disabled (with the setting that did it).
         ConfigError: an option a component rejects, naming the config field.
     """
+    from .activation import ACTIVATION_KEYS
     from .host import FlatL2O
     from .training.runner import build_learned_optimizer
 
     pm = plugin_manager if plugin_manager is not None else config.plugin_manager()
-    kinds = [("task", "tasks", config.task.name)]
+    kinds = [("task", "tasks", config.task.name, config.task.options)]
     if config.optimizer.name is not None:
-        kinds.insert(0, ("optimizer", "optimizers", config.optimizer.name))
-    for where, kind, name in kinds:
+        kinds.insert(0, ("optimizer", "optimizers", config.optimizer.name, config.optimizer.options))
+    for where, kind, name, options in kinds:
         try:
-            pm.component(kind, name)
+            info = pm.component(kind, name)
         except UnknownComponentError as exc:
             raise type(exc)(f"{where}.name: {exc}") from None
+        check_option_types(info.factory, options, f"{where}.options")
+    for name, options in config.regularizers.items():
+        if name in pm.components.regularizers:
+            factory = pm.components.regularizers.get(name).factory
+            check_option_types(factory, {k: v for k, v in options.items() if k not in ACTIVATION_KEYS},
+                               f"regularizers.{name}")
     try:
         FlatL2O(config.regularizers, plugin_manager=pm)
     except UnknownComponentError as exc:

@@ -103,8 +103,9 @@ class FlatL2O:
             raise ConfigError(f"regularizers.{name}: expected a table of options, got {spec!r}")
         options = {k: v for k, v in spec.items() if k not in ACTIVATION_KEYS}
         weight = spec.get("weight", 1.0)
-        if not is_finite_number(weight):
-            raise ConfigError(f"regularizers.{name}.weight must be a finite number, got {weight!r}")
+        if not is_finite_number(weight) or weight < 0:
+            # A negative weight would reward sharpness: never what a flatness term is for.
+            raise ConfigError(f"regularizers.{name}.weight must be a finite number >= 0, got {weight!r}")
         weighting = spec.get("weighting", "fixed")
         if weighting not in _WEIGHTINGS:
             raise ConfigError(f"regularizers.{name}.weighting must be one of {_WEIGHTINGS}, got {weighting!r}")

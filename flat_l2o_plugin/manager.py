@@ -35,7 +35,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import pluggy
 
 from . import hookspecs
-from .errors import DisabledComponentError, PluginLoadError, PluginLoadWarning, PluginValidationError
+from .errors import (DisabledComponentError, DuplicateComponentError, PluginLoadError, PluginLoadWarning,
+                     PluginValidationError)
 from .hookspecs import PROJECT_NAME
 from .registry import ComponentInfo, OptimizerInfo, Registry, RegularizerInfo, TaskInfo, WrapperInfo
 
@@ -91,6 +92,8 @@ class PluginRecord:
 
     ``status`` is ``"loaded"``, ``"failed"`` or ``"disabled"``. ``disabled_by`` names the
     setting that disabled it (an environment variable, or the ``get_plugin_manager`` argument).
+    ``conflicts`` describes each component name this plugin registered that another
+    loaded plugin registered too, and how to resolve it.
     """
 
     name: str
@@ -102,6 +105,7 @@ class PluginRecord:
     disabled_by: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +113,7 @@ class PluginRecord:
             "value": self.value, "status": self.status, "error": self.error,
             "disabled_by": self.disabled_by, "hooks": list(self.hooks),
             "components": {k: list(v) for k, v in self.components.items()},
+            "conflicts": list(self.conflicts),
         }
 
 
@@ -131,6 +136,7 @@ class FlatL2OPluginManager(pluggy.PluginManager):
         self.strict = strict
         self.records: dict[str, PluginRecord] = {}
         self._components: Components | None = None
+        self._conflicts: list[str] = []
         if _env_flag(ENV_TRACE):
             self._enable_hook_trace()
 
@@ -301,13 +307,41 @@ class FlatL2OPluginManager(pluggy.PluginManager):
 
     @property
     def components(self) -> Components:
-        """The component registries, built on first use from the registration hooks."""
+        """The component registries, built on first use from the registration hooks.
+
+        Raises:
+            DuplicateComponentError: Two loaded plugins registered one name; the message
+                names both and the setting that resolves it.
+        """
+        components = self.collect_components()
+        if self._conflicts:
+            more = f" (and {len(self._conflicts) - 1} more clash(es): run `flat-l2o plugins`)" \
+                if len(self._conflicts) > 1 else ""
+            raise DuplicateComponentError(self._conflicts[0] + more)
+        return components
+
+    @property
+    def conflicts(self) -> list[str]:
+        """Every clash between two plugins' component names, each with how to resolve it."""
+        self.collect_components()
+        return list(self._conflicts)
+
+    def collect_components(self) -> Components:
+        """The registries and each record's components, without raising on a clash.
+
+        For inspection (``flat-l2o plugins``): a name two plugins register keeps the
+        first (in load order) and the clash is recorded in :attr:`conflicts` and on both
+        plugins' records. Everything else uses :attr:`components`, which refuses a clash.
+        """
         if self._components is None:
+            self._conflicts = []
             self._components = self._collect_components()
         return self._components
 
     def _collect_components(self) -> Components:
         registries = {kind: Registry(kind.rstrip("s"), info) for kind, (_, info) in _COMPONENT_KINDS.items()}
+        for record in self.records.values():
+            record.conflicts = []
         for name in self.loaded_plugins():
             record, plugin = self.records[name], self.get_plugin(name)
             record.components = {}
@@ -325,9 +359,24 @@ class FlatL2OPluginManager(pluggy.PluginManager):
                 self._fail(record, f"{_describe(record)} raised in {hook_name}: {type(exc).__name__}: {exc}", exc)
                 continue
             for kind, info in staged:
+                if info.name in registries[kind]:
+                    first = self.records[registries[kind].provider(info.name)]
+                    self._record_conflict(registries[kind], info.name, first, record)
+                    continue
                 registries[kind].add(info, provider=name)
                 record.components.setdefault(kind, []).append(info.name)
         return Components(**registries)
+
+    def _record_conflict(self, registry: Registry[Any], name: str, first: PluginRecord, second: PluginRecord) -> None:
+        # Suggest switching off a third-party plugin by the name pip knows it by.
+        culprit = second if first.name == BUILTIN_PLUGIN or second.name != BUILTIN_PLUGIN else first
+        off = culprit.distribution or culprit.name
+        message = (f"{registry.kind} {name!r} is registered by both {_describe(first)} and {_describe(second)}; "
+                   f"disable one to resolve it: {ENV_DISABLE}={off} (or [plugins] disable = [{off!r}]), "
+                   f"or rename the component in its plugin")
+        self._conflicts.append(message)
+        for record in (first, second):
+            record.conflicts.append(message)
 
     def _enable_hook_trace(self) -> None:
         trace_log = logging.getLogger("flat_l2o_plugin.hooks")
