@@ -156,11 +156,11 @@ class FlatL2O:
                 results = caller(params=params, loss_fn=loss_fn, step=step, optimizer=optimizer,
                                  active=active, loss=loss, horizon=horizon, initial_loss=initial_loss)
             except PluginHookError as exc:
-                raise PluginHookError(f"{exc} (hook flatness_terms, step {step})") from exc.__cause__
+                raise PluginHookError(f"{exc} (hook flatness_terms, optimizee step {step})") from exc.__cause__
             except FlatL2OError:
                 raise
             except Exception as exc:
-                raise PluginHookError(f"plugin {plugin_name!r} raised in hook flatness_terms at step "
+                raise PluginHookError(f"plugin {plugin_name!r} raised in hook flatness_terms at optimizee step "
                                       f"{step}: {type(exc).__name__}: {exc}") from exc
             for result in results:
                 for term, value in (result or {}).items():
@@ -191,7 +191,10 @@ class FlatL2O:
         due = self.due(step, mode="optimizee_loss", horizon=horizon, loss=loss, initial_loss=initial_loss)
         if not due:
             return None
-        return torch.stack([act(params, loss_fn, loss) for act in due.values()]).sum()
+        try:
+            return torch.stack([act(params, loss_fn, loss) for act in due.values()]).sum()
+        except PluginHookError as exc:
+            raise PluginHookError(f"{exc} (optimizee loss, optimizee step {step})") from exc.__cause__
 
     def after_unroll(self, step: int, meta_loss: Tensor, logs: MutableMapping[str, Any]) -> None:
         """Report the end of an unroll to every observer plugin."""

@@ -180,3 +180,31 @@ def test_evaluate_errors_exit_2(tmp_path):
     assert missing.returncode == 2 and "missing.safetensors" in missing.stderr and "Traceback" not in missing.stderr
     nothing = flat_l2o("evaluate")
     assert nothing.returncode == 2 and "at least one" in nothing.stderr
+
+
+# ------------------------------------------------------------------ in-process: plugin clashes
+
+
+def test_a_clashing_plugin_does_not_blind_flat_l2o_plugins(fake_entry_points, entry_point, capsys, monkeypatch):
+    from flat_l2o_plugin.cli import main
+
+    fake_entry_points(entry_point("duplicate", "duplicate_plugin", dist="dup-dist"))
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert "builtin  [loaded]" in out and "duplicate  [loaded]" in out
+    fix = "FLAT_L2O_DISABLE_PLUGINS=dup-dist"
+    assert "conflict: regularizer 'hessian_top_eigenvalue' is registered by both plugin 'builtin'" in out
+    assert fix in out and fix in err
+
+    assert main(["plugins", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["duplicate"]["conflicts"] == records["builtin"]["conflicts"] and fix in \
+        records["duplicate"]["conflicts"][0]
+    assert "hessian_top_eigenvalue" in records["builtin"]["components"]["regularizers"]
+
+    assert main(["list", "regularizers"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'builtin'" in err and "'duplicate'" in err and fix in err
+
+    monkeypatch.setenv("FLAT_L2O_DISABLE_PLUGINS", "dup-dist")  # the advice works
+    assert main(["list", "regularizers"]) == 0

@@ -52,7 +52,7 @@ from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PluginHookError
 from ..host import FlatL2O
 from ..protocols import Task
 from ..wrappers.stack import host_step
@@ -425,33 +425,16 @@ class MetaTrainer:
         The meta-gradient is left in the learned optimizer's ``.grad`` (after clipping).
         Returns the step's logs, which the ``after_unroll`` hook has seen; they are the
         same on every rank.
+
+        Raises:
+            PluginHookError: A plugin raised in a hook; the message names the meta-step,
+                the trajectory (slot, task, init seed) and the optimizee step.
         """
-        cfg = self.config
         lr = self.meta_lr(meta_step)
         for group in self.meta_optimizer.param_groups:
             group["lr"] = lr
         self.meta_optimizer.zero_grad(set_to_none=True)
-        local_losses: list[Tensor] = []
-        local_records: list[dict[str, Any]] = []
-        for slot in self._slots:
-            traj = self._trajectories[slot]
-            if traj is None or traj.step >= traj.horizon:
-                traj = self._trajectories[slot] = self._new_trajectory(slot)
-            imitate = cfg.imitation_prob > 0 and (
-                float(torch.rand((), generator=self._slot_generators[slot])) < cfg.imitation_prob)
-            with self._estimators.use(slot):
-                unroll = (self._imitation_unroll if imitate else self._unroll)(traj)
-                stats = self.flat.stats()
-            value = float(unroll.meta_loss.detach())
-            record: dict[str, Any] = {"slot": slot, "meta_loss": value, "logs": unroll.logs, "stats": stats}
-            if math.isfinite(value):
-                local_losses.append(unroll.meta_loss)
-            else:
-                bad = next((i for i, v in enumerate(unroll.values) if not bool(torch.isfinite(v))),
-                           len(unroll.values) - 1)
-                record["diverged"] = {"task": traj.task.name, "seed": traj.seed, "step": unroll.first_step + bad}
-                self._trajectories[slot] = None  # the optimizee is reset; φ never sees this unroll
-            local_records.append(record)
+        unrolls, local_records = self._unroll_owned_slots(meta_step)
         records = sorted((r for part in self.distributed.all_gather(local_records) for r in part),
                          key=lambda r: r["slot"])
         finite = [r for r in records if "diverged" not in r]
@@ -471,33 +454,89 @@ class MetaTrainer:
             first = diverged[0]["diverged"]
             logs["diverged_task"], logs["diverged_seed"], logs["diverged_step"] = (first["task"], first["seed"],
                                                                                    first["step"])
-
-        gradient_failed = False
-        if finite:
-            if local_losses:
-                torch.stack(local_losses).sum().backward()
-            finite_gradient = self._average_meta_gradient(len(finite))
-            weights = [p for p in self.optimizer.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(weights, cfg.clip if cfg.clip > 0 else math.inf)
-            if finite_gradient and bool(torch.isfinite(norm)):
-                self.meta_optimizer.step()
-                logs["meta_grad_norm"] = float(norm)
-            else:
-                gradient_failed = True
-                self.meta_optimizer.zero_grad(set_to_none=True)
-                for slot in self._slots:
-                    self._trajectories[slot] = None
-                logs["meta_grad_non_finite"] = True
-                if self.distributed.is_main:
-                    logger.warning("meta-step %d: the meta-gradient is not finite; the learned optimizer is not "
-                                   "updated and every trajectory is reset", meta_step)
+        gradient_failed = bool(finite) and not self._apply_meta_gradient(meta_step, unrolls, len(finite), logs)
         skipped = bool(diverged) or gradient_failed
         self.skipped += int(skipped)
         self.diverged += len(diverged)
         logs["skipped"], logs["skipped_total"] = skipped, self.skipped
         logs["diverged"], logs["diverged_total"] = len(diverged), self.diverged
-        self.flat.after_unroll(step=meta_step, meta_loss=torch.tensor(logs["meta_loss"]), logs=logs)
+        try:
+            self.flat.after_unroll(step=meta_step, meta_loss=torch.tensor(logs["meta_loss"]), logs=logs)
+        except PluginHookError as exc:
+            raise PluginHookError(f"meta-step {meta_step}: {exc}") from exc.__cause__
         return logs
+
+    def _unroll_owned_slots(self, meta_step: int) -> tuple[list[tuple[Tensor, dict[str, Any]]], list[dict[str, Any]]]:
+        """Unroll this rank's trajectories: the finite meta-losses with their source, and every slot's record."""
+        cfg = self.config
+        unrolls: list[tuple[Tensor, dict[str, Any]]] = []
+        records: list[dict[str, Any]] = []
+        for slot in self._slots:
+            traj = self._trajectories[slot]
+            if traj is None or traj.step >= traj.horizon:
+                traj = self._trajectories[slot] = self._new_trajectory(slot)
+            imitate = cfg.imitation_prob > 0 and (
+                float(torch.rand((), generator=self._slot_generators[slot])) < cfg.imitation_prob)
+            try:
+                with self._estimators.use(slot):
+                    unroll = (self._imitation_unroll if imitate else self._unroll)(traj)
+                    stats = self.flat.stats()
+            except PluginHookError as exc:
+                raise PluginHookError(f"meta-step {meta_step}, trajectory slot {slot} (task {traj.task.name}, init "
+                                      f"seed {traj.seed}): {exc}") from exc.__cause__
+            value = float(unroll.meta_loss.detach())
+            record: dict[str, Any] = {"slot": slot, "meta_loss": value, "logs": unroll.logs, "stats": stats}
+            if math.isfinite(value):
+                unrolls.append((unroll.meta_loss, {"slot": slot, "task": traj.task.name, "seed": traj.seed,
+                                                   "steps": [unroll.first_step, traj.step]}))
+            else:
+                bad = next((i for i, v in enumerate(unroll.values) if not bool(torch.isfinite(v))),
+                           len(unroll.values) - 1)
+                record["diverged"] = {"task": traj.task.name, "seed": traj.seed, "step": unroll.first_step + bad}
+                self._trajectories[slot] = None  # the optimizee is reset; φ never sees this unroll
+            records.append(record)
+        return unrolls, records
+
+    def _apply_meta_gradient(self, meta_step: int, unrolls: list[tuple[Tensor, dict[str, Any]]], count: int,
+                             logs: dict[str, Any]) -> bool:
+        """Back-propagate, average over ranks, clip and step φ; False (nothing applied) if not finite."""
+        if unrolls:
+            # The graphs are kept to the end of the step, to name the unroll behind a non-finite gradient.
+            torch.stack([loss for loss, _ in unrolls]).sum().backward(retain_graph=True)
+        finite_gradient = self._average_meta_gradient(count)
+        weights = [p for p in self.optimizer.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(weights, self.config.clip if self.config.clip > 0 else math.inf)
+        if finite_gradient and bool(torch.isfinite(norm)):
+            self.meta_optimizer.step()
+            logs["meta_grad_norm"] = float(norm)
+            return True
+        sources = self._non_finite_sources(unrolls)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        for slot in self._slots:
+            self._trajectories[slot] = None
+        logs["meta_grad_non_finite"] = True
+        if sources:
+            logs["non_finite_task"], logs["non_finite_seed"] = sources[0]["task"], sources[0]["seed"]
+        if self.distributed.is_main:
+            named = "; ".join(f"trajectory slot {s['slot']}: task {s['task']}, init seed {s['seed']}, optimizee "
+                              f"steps {s['steps'][0]}-{s['steps'][1]}" for s in sources[:4])
+            named += f"; and {len(sources) - 4} more" if len(sources) > 4 else ""
+            logger.warning("meta-step %d: the meta-gradient is not finite (%s); the learned optimizer is not "
+                           "updated and every trajectory is reset", meta_step,
+                           f"from {named}" if sources else "each unroll's is finite; their sum overflows")
+        return False
+
+    def _non_finite_sources(self, unrolls: list[tuple[Tensor, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The trajectories (of every rank) whose own meta-gradient, or its norm, is not finite."""
+        weights = [p for p in self.optimizer.parameters() if p.requires_grad]
+        local = []
+        for loss, source in unrolls:
+            grads = [g for g in torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+                     if g is not None]
+            if grads and not bool(torch.isfinite(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in grads])))):
+                local.append(source)
+        return sorted((s for part in self.distributed.all_gather(local) for s in part), key=lambda s: s["slot"])
 
     def _average_meta_gradient(self, count: int) -> bool:
         """Sum every rank's meta-gradient, divide by ``count``; False if any rank's was not finite.

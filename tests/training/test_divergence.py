@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 
@@ -90,4 +91,7 @@ def test_a_non_finite_meta_gradient_is_not_applied_and_resets_every_trajectory(c
     assert all(h["meta_grad_non_finite"] and h["skipped"] and math.isfinite(h["meta_loss"]) for h in history)
     assert torch.equal(before, _weights(optimizer))
     assert trainer._trajectories == [None, None]
-    assert sum("meta-gradient is not finite" in r.getMessage() for r in caplog.records) == 2
+    named = [r.getMessage() for r in caplog.records if "meta-gradient is not finite" in r.getMessage()]
+    slot = r"trajectory slot {}: task mlp_digits\[[^]]*\], init seed 1, optimizee steps \d+-\d+"
+    assert len(named) == 2 and all(re.search(f"from {slot.format(0)}; {slot.format(1)}\\)", m) for m in named)
+    assert all(h["non_finite_task"] == task.name and h["non_finite_seed"] == 1 for h in history)

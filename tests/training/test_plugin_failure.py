@@ -37,8 +37,10 @@ def _trainer(run_dir, plugins=()):
 
 def test_hook_error_names_plugin_hook_and_step_and_leaves_the_checkpoint_intact(tmp_path):
     failing = FailsLater(fail_at=7)  # two calls per meta-step: fails during meta-step 3
-    with pytest.raises(PluginHookError, match=r"plugin 'fails_later' raised in hook flatness_terms at step \d+") \
-            as info:
+    # Meta-step 3 unrolls optimizee steps 2 -> 4 of the second trajectory; the first term is at θ_3.
+    with pytest.raises(PluginHookError, match=r"^meta-step 3, trajectory slot 0 \(task mlp_digits\[[^]]*\], init seed 10\d\d\): "
+                                              r"plugin 'fails_later' raised in hook flatness_terms at optimizee step 3: "
+                                              r"RuntimeError: boom$") as info:
         _trainer(tmp_path, [("fails_later", failing)]).train()
     assert isinstance(info.value.__cause__, RuntimeError)
     checkpoint = load_checkpoint(tmp_path)
@@ -46,3 +48,16 @@ def test_hook_error_names_plugin_hook_and_step_and_leaves_the_checkpoint_intact(
     result = _trainer(tmp_path).train(resume=True)
     assert result.resumed_from == 3 and len(result.history) == 6
     assert all(torch.isfinite(torch.tensor(h["meta_loss"])) for h in result.history)
+
+
+class FailsObserving:
+    @hookimpl
+    def after_unroll(self, step):
+        if step == 2:
+            raise ValueError("cannot log")
+
+
+def test_an_observer_raising_names_the_meta_step(tmp_path):
+    with pytest.raises(PluginHookError, match=r"^meta-step 2: plugin 'observer' raised in hook after_unroll at step 2: "
+                                              r"ValueError: cannot log$"):
+        _trainer(tmp_path, [("observer", FailsObserving())]).train()
