@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -236,17 +237,50 @@ class TrainerCheckpointer:
         folder = checkpoint_dir(self.run_dir) or self.run_dir / CHECKPOINT_DIR
         state_file = folder / "trainer.json"
         validate_state(checkpoint.state, state_file)
+        self._check_estimator_entries(checkpoint.state, state_file)
         try:
             self._check_compatible(checkpoint, folder)
             self._restore_state(checkpoint, state_file)
         except KeyError as exc:
             raise TrainingCheckpointError(f"checkpoint {folder} lacks the entry {exc}; it was written by another "
                                           f"version of this trainer and cannot be resumed") from exc
-        except (TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
+        except (TypeError, ValueError, IndexError, OverflowError, RuntimeError, AttributeError) as exc:
             if isinstance(exc, TrainingCheckpointError):
                 raise
             raise TrainingCheckpointError(f"checkpoint {folder} does not hold what this trainer wrote "
                                           f"({type(exc).__name__}: {one_line(exc)}); it cannot be resumed") from exc
+
+    def _check_estimator_entries(self, state: dict[str, Any], state_file: Path) -> None:
+        """Each slot's estimator entries have the layout :meth:`EstimatorSlots.export` writes, and
+        every plain value the type its attribute had when the estimator was built."""
+        built = self.trainer._estimators.fingerprint
+        for slot, entry in state["slots"].items():
+            if not slot.isdigit() or int(slot) >= self.trainer.config.meta_batch:
+                continue  # refused with the slot count by _check_compatible
+            fresh = self.trainer._estimators.export(int(slot), "")[1]
+            for key, attrs in entry["estimators"].items():
+                if key in fresh and sorted(attrs) != sorted(fresh[key]):
+                    raise TrainingCheckpointError(f"checkpoint file {state_file}: slots.{slot}.estimators.{key} holds "
+                                                  f"{sorted(attrs)[:8]}, the estimator has {sorted(fresh[key])[:8]}")
+                for name, item in attrs.items():
+                    where = f"checkpoint file {state_file}: slots.{slot}.estimators.{key}.{name}"
+                    kind = item.get("kind")
+                    fields = {"generator": {"device": str}, "tensor": {"device": str}, "value": {},
+                              "tensors": {"device": str, "length": int, "tuple": bool}}.get(
+                        kind if isinstance(kind, str) else "")
+                    if fields is None or any(not isinstance(item.get(f), t) for f, t in fields.items()):
+                        raise TrainingCheckpointError(f"{where} is not an estimator entry this trainer wrote")
+                    was = fresh.get(key, {}).get(name, {}).get("kind")
+                    if was == "generator" and kind != "generator":
+                        raise TrainingCheckpointError(f"{where} must be a generator's state, as the estimator's is")
+                    if kind != "value":
+                        continue
+                    value, initial = item.get("value", _MISSING), built.get(key, {}).get(name)
+                    if value is not None and not isinstance(value, (bool, int, float, str)) or (
+                            initial is not None and not _same_kind(value, initial)):
+                        expected = type(initial).__name__ if initial is not None else "a number, string or null"
+                        raise TrainingCheckpointError(f"{where} must be {expected} like the estimator's own, got "
+                                                      f"{json.dumps(value)[:40] if value is not _MISSING else 'none'}")
 
     def _check_compatible(self, checkpoint: Checkpoint, folder: Path) -> None:
         t = self.trainer
@@ -293,8 +327,7 @@ class TrainerCheckpointer:
                 moments.setdefault(int(index), {})[name] = value
         for index, scalars in state["meta_optimizer"]["state"].items():
             moments.setdefault(int(index), {}).update(scalars)
-        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-                  for group in state["meta_optimizer"]["param_groups"]]
+        groups = self._param_groups(state["meta_optimizer"]["param_groups"], state_file)
         try:
             t.meta_optimizer.load_state_dict({"state": moments, "param_groups": groups})
         except (ValueError, RuntimeError) as exc:
@@ -324,6 +357,27 @@ class TrainerCheckpointer:
             except KeyError as exc:
                 raise TrainingCheckpointError(f"checkpoint file {state_file}: {exc.args[0]}") from exc
             t._trajectories[slot] = self._import_trajectory(slot, entry["trajectory"], tensors, state_file)
+
+    def _param_groups(self, saved: list[dict[str, Any]], state_file: Path) -> list[dict[str, Any]]:
+        """The checkpoint's Adam param groups, which must be this trainer's own but for the rate.
+
+        The trainer builds Adam with fixed settings and sets ``lr`` at every step, so a
+        group that differs elsewhere was not written by this trainer. Keys only one side
+        has (another torch release's settings) are left to this release's defaults.
+        """
+        live = self.trainer.meta_optimizer.state_dict()["param_groups"]
+        as_saved = json.loads(json.dumps(live))  # tuples -> lists, as in the file
+        if len(saved) != len(live):
+            raise TrainingCheckpointError(f"checkpoint file {state_file}: meta_optimizer.param_groups has "
+                                          f"{len(saved)} groups, this trainer {len(live)}")
+        for index, (group, ours) in enumerate(zip(saved, as_saved)):
+            lr = group.get("lr")
+            changed = sorted(k for k in set(group) & set(ours) if k != "lr" and group[k] != ours[k])
+            if changed or not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf:
+                raise TrainingCheckpointError(f"checkpoint file {state_file}: meta_optimizer.param_groups.{index} "
+                                              f"differs from this trainer's Adam settings in "
+                                              f"{changed or ['lr']}")
+        return [{**group, "lr": float(saved[i]["lr"])} for i, group in enumerate(live)]
 
     def _import_trajectory(self, slot: int, entry: dict[str, Any] | None, tensors: dict[str, Tensor],
                            state_file: Path) -> Trajectory | None:
@@ -406,6 +460,7 @@ class _DictOf:
         self.spec = spec
 
 
+_MISSING = object()
 _NUMBER = "number"  # int or float, inf and nan included (a best score starts at -inf)
 _COUNT = "count"  # an int >= 0
 _ANY = "any"  # compared as a whole elsewhere (config, fingerprints) or checked by its owner
@@ -424,7 +479,7 @@ STATE_LAYOUT: dict[str, Any] = {
     "meta_optimizer": {"param_groups": [dict], "state": _DictOf(dict)},
     "rng": {"python": (int, [int], _Optional(_NUMBER)), "numpy": (str, int, int, _NUMBER)},
     "estimators": _ANY,
-    "slots": _DictOf({"trajectory": _Optional(_TRAJECTORY), "estimators": _ANY}),
+    "slots": _DictOf({"trajectory": _Optional(_TRAJECTORY), "estimators": _DictOf(_DictOf(dict))}),
 }
 """What :meth:`TrainerCheckpointer.capture` writes to ``trainer.json`` (``run_config``,
 ``learned_optimizer`` and ``world_size`` are informative or compared as a whole)."""
@@ -484,6 +539,17 @@ def _check(value: Any, spec: Any, where: str, state_file: Path) -> None:
             fail(f"a list of {len(spec)} entries")
         for index, (item, sub) in enumerate(zip(value, spec)):
             _check(item, sub, _join(where, str(index)), state_file)
+
+
+def _same_kind(value: Any, like: Any) -> bool:
+    """``value`` can stand where ``like`` stood: a bool for a bool, an int for an int, a number for a float."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(like, bool) and isinstance(value, bool)
+    if isinstance(like, int):
+        return isinstance(value, int)
+    if isinstance(like, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(like))
 
 
 def _join(where: str, key: str) -> str:
