@@ -57,6 +57,15 @@ def _edit(tree: Any, path: tuple, action: str, value: Any) -> Any:
     return tree
 
 
+def _draw_edit(data: st.DataObject, original: Any, skip: tuple | None = None) -> Any:
+    """A copy of ``original`` with one place replaced by random JSON, deleted, or wrapped."""
+    path = data.draw(st.sampled_from([p for p in _paths(original) if p != skip]), label="path")
+    action = data.draw(st.sampled_from(["replace", "delete", "wrap"]) if path else st.just("replace"),
+                       label="action")
+    value = data.draw(_JSON, label="value") if action == "replace" else None
+    return _edit(copy.deepcopy(original), path, action, value)
+
+
 def _rewrite(path: Path, payload: bytes) -> None:
     path.write_bytes(payload)
     if path.name != "manifest.json":
@@ -96,14 +105,10 @@ def test_the_layout_covers_everything_the_trainer_writes(finished_run):
 @given(data=st.data())
 def test_an_edited_trainer_json_resumes_or_is_refused_in_one_line(finished_run, longer_spec, data):
     original = json.loads((finished_run / "checkpoint" / "trainer.json").read_text())
-    path = data.draw(st.sampled_from([p for p in _paths(original) if p != ("step",)]), label="path")
-    action = data.draw(st.sampled_from(["replace", "delete", "wrap"]) if path else st.just("replace"),
-                       label="action")
-    value = data.draw(_JSON, label="value") if action == "replace" else None
+    edited = _draw_edit(data, original, skip=("step",))
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "run"
         shutil.copytree(finished_run, run)
-        edited = _edit(copy.deepcopy(original), path, action, value)
         _rewrite(run / "checkpoint" / "trainer.json", json.dumps(edited).encode())
         try:
             result = run_meta_training(longer_spec, run, resume=True)
@@ -117,15 +122,11 @@ def test_an_edited_trainer_json_resumes_or_is_refused_in_one_line(finished_run, 
 @given(data=st.data())
 def test_an_edited_manifest_reads_or_is_refused_in_one_line(finished_run, data):
     original = json.loads((finished_run / "checkpoint" / "manifest.json").read_text())
-    path = data.draw(st.sampled_from(_paths(original)), label="path")
-    action = data.draw(st.sampled_from(["replace", "delete", "wrap"]) if path else st.just("replace"),
-                       label="action")
-    value = data.draw(_JSON, label="value") if action == "replace" else None
+    edited = _draw_edit(data, original)
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "run"
         shutil.copytree(finished_run, run)
-        _rewrite(run / "checkpoint" / "manifest.json", json.dumps(_edit(copy.deepcopy(original), path, action,
-                                                                        value)).encode())
+        _rewrite(run / "checkpoint" / "manifest.json", json.dumps(edited).encode())
         try:
             checkpoint = load_checkpoint(run)
         except TrainingCheckpointError as exc:
