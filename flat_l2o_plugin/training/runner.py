@@ -176,7 +176,8 @@ def _check_resumed_spec(checkpoint: Checkpoint, run_config: dict[str, Any], run_
         saved, where = _legacy_spec(run_dir), run_dir / CONFIG_FILE
         if saved is None:
             return
-        run_config = {**run_config, "trainer": {k: run_config["trainer"].get(k) for k in saved.get("trainer", {})}}
+        trainer = saved.get("trainer") if isinstance(saved.get("trainer"), dict) else {}
+        run_config = {**run_config, "trainer": {k: run_config["trainer"].get(k) for k in trainer}}
     changed = spec_differences(saved, run_config)
     if changed:
         before, after = _flatten(saved), _flatten(run_config)

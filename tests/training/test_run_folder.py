@@ -231,3 +231,23 @@ def test_two_identical_runs_write_identical_trainer_state_whatever_the_global_rn
         states.append(((folder / "trainer.safetensors").read_bytes(), trainer_json["rng"],
                        (folder / "weights.safetensors").read_bytes()))
     assert states[0] == states[1]
+
+
+def test_a_checkpoint_from_before_run_config_falls_back_to_config_json(run, small_spec):
+    import hashlib
+
+    state_file = run / "checkpoint" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    del state["run_config"]
+    payload = json.dumps(state).encode()
+    state_file.write_bytes(payload)
+    manifest = json.loads((run / "checkpoint" / "manifest.json").read_text())
+    manifest["files"]["trainer.json"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (run / "checkpoint" / "manifest.json").write_text(json.dumps(manifest))
+    changed = copy.deepcopy(small_spec)
+    changed["val_tasks"] = 2
+    with pytest.raises(TrainingCheckpointError, match=r"config.json was made with another configuration \(val_tasks"):
+        run_meta_training(changed, run, resume=True)
+    longer = copy.deepcopy(small_spec)
+    longer["trainer"]["meta_steps"] = 5
+    assert run_meta_training(longer, run, resume=True).resumed_from == 4
