@@ -354,13 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (not when the handler was made)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """Show the library's warnings (divergence, resume notes) as ``flat-l2o: ...`` lines."""
     package = logging.getLogger("flat_l2o_plugin")
-    if not any(getattr(h, "_flat_l2o_cli", False) for h in package.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in package.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("flat-l2o: %(message)s"))
-        handler._flat_l2o_cli = True  # type: ignore[attr-defined]
         package.addHandler(handler)
         if package.level == logging.NOTSET:
             package.setLevel(logging.WARNING)

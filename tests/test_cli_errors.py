@@ -163,7 +163,7 @@ def test_evaluate_on_an_mnist_root_with_a_code_pickle_says_the_file_was_refused(
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
     processed.mkdir()
     for name in ("training.pt", "test.pt"):
-        (processed / name).write_bytes(pickle.dumps(print))  # names a callable: weights_only refuses it
+        (processed / name).write_bytes(pickle.dumps(print, protocol=2))  # names a callable: weights_only refuses it
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         (tmp_path / "MNIST" / "raw" / name).write_bytes(b"")
