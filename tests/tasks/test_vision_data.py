@@ -182,7 +182,7 @@ def test_a_legacy_mnist_pickle_that_names_code_is_refused_naming_the_file(tmp_pa
     ran = tmp_path / "code-ran"
     for name in ("training.pt", "test.pt"):
         with (processed / name).open("wb") as handle:
-            pickle.dump(_Marker(ran), handle)
+            pickle.dump(_Marker(ran), handle, protocol=2)
     with pytest.raises(DataFormatError) as raised:
         load_dataset("mnist", root=tmp_path, val_size=5)
     message = str(raised.value)
