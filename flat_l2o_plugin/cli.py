@@ -19,6 +19,7 @@ from .errors import ConfigError, FlatL2OError, MissingExtraError, UnknownCompone
 __all__ = ["main"]
 
 _KINDS = ("regularizers", "optimizers", "wrappers", "tasks")
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -218,8 +219,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     for lr in args.adam or []:
-        if not (math.isfinite(lr) and lr > 0):
-            raise ConfigError(f"--adam must be a finite learning rate > 0, got {lr}")
+        # The rate multiplies float32 tensors: beyond float32's range torch cannot apply it.
+        if not (math.isfinite(lr) and 0 < lr <= _FLOAT32_MAX):
+            raise ConfigError(f"--adam must be a finite learning rate > 0 (at most {_FLOAT32_MAX:.3g}), got {lr}")
     options: dict = {}
     for text in args.task_option or []:
         path, value = parse_override(text)
@@ -377,6 +379,11 @@ def _log_to_stderr() -> None:
             package.setLevel(logging.WARNING)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: an error wrapping another's text may carry its newlines."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 2 bad input, 1 failure, 130 Ctrl-C)."""
     parser = build_parser()
@@ -386,12 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UnknownComponentError) as exc:
         if args.debug:
             raise
-        print(f"flat-l2o: error: {exc}", file=sys.stderr)
+        print(f"flat-l2o: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except FlatL2OError as exc:
         if args.debug:
             raise
-        print(f"flat-l2o: error: {exc}", file=sys.stderr)
+        print(f"flat-l2o: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("flat-l2o: interrupted", file=sys.stderr)
@@ -399,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, or an error nobody anticipated: still one line
         if args.debug:
             raise
-        text = " ".join(str(exc).split())[:300]
+        text = _one_line(exc)[:300]
         print(f"flat-l2o: internal error: {type(exc).__name__}: {text} (run with --debug for the traceback, and "
               f"please report it)", file=sys.stderr)
         return 1

@@ -77,6 +77,8 @@ def weights(tmp_path_factory) -> Path:
     ('optimizer.options.hidden_size="a"', "optimizer.options.hidden_size must be an integer"),
     ("regularizers.hessian_top_eigenvalue.iters=2.5", "regularizers.hessian_top_eigenvalue.iters must be an integer"),
     ('task.options.batch_size="big"', "task.options.batch_size must be an integer"),
+    # torch refuses the allocation with a C++ backtrace in its message: one line of it is kept
+    ("optimizer.options.hidden_size=100000000000000000000", "optimizer.options: 'rnnprop' rejected"),
 ])
 def test_bad_values_are_refused_naming_the_field(config, tmp_path, override, field):
     code, _, err = run_cli("meta-train", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress",
@@ -153,6 +155,8 @@ def rewrite_checkpoint_file(path: Path, payload: bytes) -> None:
     (("--adam", "nan"), "--adam must be a finite learning rate > 0"),
     (("--adam", "-0.1"), "--adam must be a finite learning rate > 0"),
     (("--adam", "inf"), "--adam must be a finite learning rate > 0"),
+    (("--adam", "1e300"), "at most 3.4e+38"),  # finite as a Python float, not as a float32
+    (("--adam", "1e39"), "at most 3.4e+38"),
 ])
 def test_evaluate_refuses_meaningless_numbers(weights, args, message):
     assert_refused(*run_cli("evaluate", str(weights), *args)[::2], message)

@@ -117,6 +117,12 @@ def _check_same_module(loaded: Any, top: str, folders: Sequence[str], where: str
         return
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message: torch's carry a C++ backtrace after it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_state_dict_file(path: str | os.PathLike[str], *, where: str = "optimizer.weights") -> dict[str, Tensor]:
     """The tensors of a ``.safetensors`` file, or of a ``.pt`` / ``.pth`` / ``.bin`` tensors-only state_dict.
 
@@ -142,9 +148,9 @@ def load_state_dict_file(path: str | os.PathLike[str], *, where: str = "optimize
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{where}: {path} is not a tensors-only file, so it is not loaded (torch.load with "
-                          f"weights_only=True refused it: {first}); save torch.save(module.state_dict(), path) "
+                          f"weights_only=True refused it: {_first_line(exc)}); save "
+                          f"torch.save(module.state_dict(), path) "
                           f"or a .safetensors file") from exc
     if not isinstance(loaded, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                   for k, v in loaded.items()):
@@ -191,8 +197,10 @@ def build_optimizer(spec: Mapping[str, Any], plugin_manager: Any = None) -> nn.M
         module = info.create(**options)
     except FlatL2OError as exc:
         raise type(exc)(f"optimizer.options: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"optimizer.options: {what} rejected {options}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:
+        # RuntimeError: torch refusing a size (an allocation too large); its message carries
+        # a C++ backtrace, so only its first line is kept.
+        raise ConfigError(f"optimizer.options: {what} rejected {options}: {_first_line(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise ConfigError(f"optimizer.module: {what} built a {type(module).__name__}, not a torch nn.Module")
     if spec.get("weights"):
