@@ -300,7 +300,7 @@ def _verified_bytes(path: Path, entry: Any) -> bytes:
             hashlib.sha256(payload).hexdigest() != entry.get("sha256")):
         raise TrainingCheckpointError(f"checkpoint file {path} is corrupted: its size or SHA-256 differs from "
                                       f"the manifest's ({len(payload)} bytes on disk, "
-                                      f"{entry.get('bytes') if isinstance(entry, dict) else '?'} recorded)")
+                                      f"{entry.get('bytes') if isinstance(entry, dict) else '?'!r} recorded)")
     return payload
 
 

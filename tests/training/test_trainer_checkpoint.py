@@ -145,3 +145,17 @@ def test_a_deeply_nested_json_file_is_refused_naming_it(finished_run, tmp_path):
         with pytest.raises(TrainingCheckpointError, match=f"{path} is nested too deeply"):
             load_checkpoint(run)
         _rewrite(path, saved)
+
+
+@pytest.mark.parametrize("recorded", ["\n", "a\nb", [1, "\n"]])
+def test_a_manifest_size_with_a_newline_is_refused_in_one_line(finished_run, recorded):
+    with tempfile.TemporaryDirectory() as scratch:
+        run = Path(scratch) / "run"
+        shutil.copytree(finished_run, run)
+        manifest_path = run / "checkpoint" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"]["best_weights.safetensors"]["bytes"] = recorded
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(TrainingCheckpointError, match="is corrupted") as error:
+            load_checkpoint(run)
+        _one_line(error.value)
