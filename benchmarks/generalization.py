@@ -42,8 +42,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # hand_designed.py, for the baselines (also in worker processes)
-    sys.path.insert(0, str(HERE))
 
 from flat_l2o_plugin._atomic import write_atomically  # noqa: E402
 from flat_l2o_plugin.training.experiment import EVAL_SEEDS_START, VAL_SEEDS_START, evaluate, meta_train, run_jobs  # noqa: E402,E501
