@@ -261,6 +261,15 @@ def _takes_generator(init_state: Callable[..., Any]) -> bool:
         return False
 
 
+def _heldout_loss(traj: Trajectory, params: list[Tensor]) -> Tensor:
+    """The loss at ``params`` on a batch of the task's held-out training data (``meta_objective="heldout"``)."""
+    sample = getattr(traj.task, "sample_heldout_batch", None)
+    if sample is None:
+        raise ConfigError(f"MetaTrainConfig.meta_objective='heldout' needs tasks with sample_heldout_batch(); "
+                          f"task {getattr(traj.task, 'name', traj.task)!r} has none")
+    return traj.task.loss(params, sample(traj.generator))
+
+
 class MetaTrainer:
     """Meta-trains ``optimizer`` on tasks drawn by ``sample_task``.
 
@@ -369,7 +378,7 @@ class MetaTrainer:
             traj.step += 1
             loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
             loss = loss_fn(params)
-            step_total = loss if not heldout else self._heldout_loss(traj, params)
+            step_total = loss if not heldout else _heldout_loss(traj, params)
             terms = flat.flatness_terms(params, loss_fn, traj.step, optimizer=self.optimizer,
                                         loss=loss, **schedule)
             for name, term in terms.items():
@@ -381,14 +390,6 @@ class MetaTrainer:
         traj.state = {k: v.detach() for k, v in state.items()}
         logs = {"loss": float(loss.detach()), **{f"term/{k}": v / cfg.unroll for k, v in terms_sum.items()}}
         return _Unroll(total_loss / cfg.unroll, logs, first_step, values)
-
-    @staticmethod
-    def _heldout_loss(traj: Trajectory, params: list[Tensor]) -> Tensor:
-        sample = getattr(traj.task, "sample_heldout_batch", None)
-        if sample is None:
-            raise ConfigError(f"MetaTrainConfig.meta_objective='heldout' needs tasks with sample_heldout_batch(); "
-                              f"task {getattr(traj.task, 'name', traj.task)!r} has none")
-        return traj.task.loss(params, sample(traj.generator))
 
     def _imitation_unroll(self, traj: Trajectory) -> _Unroll:
         """K steps along the teacher's trajectory; the meta-loss is the imitation error."""
@@ -674,7 +675,7 @@ class MetaTrainer:
         """Meta-steps ``start .. meta_steps - 1``; fills ``result``; returns the wall time."""
         cfg, dist_ctx = self.config, self.distributed
         metrics = self._open_metrics(start, result)
-        if not resume and cfg.val_at_start and self.val_tasks:
+        if start == 0 and cfg.val_at_start and self.val_tasks:
             self._keep_if_best(0, self.validate(), result)
         checkpoints = self._checkpoints if self.run_dir is not None else None
         if checkpoints is not None:
