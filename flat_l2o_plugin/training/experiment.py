@@ -22,6 +22,7 @@ import torch
 from ..errors import ConfigError
 # The seed partition belongs to the tasks; re-exported here, its former home.
 from ..tasks.seeds import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
+from .seeding import seed_everything
 
 __all__ = ["EVAL_SEEDS_START", "VAL_SEEDS_START", "TRAIN_SEEDS_START", "meta_train", "evaluate", "run_jobs",
            "baseline_class", "smoothed_loss"]
@@ -62,7 +63,7 @@ def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, An
     """
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     from .. import FlatL2O
     from .meta_trainer import MetaTrainConfig, MetaTrainer
 

@@ -110,3 +110,29 @@ def test_meta_training_on_a_task_family_draws_every_member(monkeypatch):
                trainer={"meta_steps": 8, "unroll": 2, "horizon": 2, "val_every": 8, "val_steps": 2})
     assert set(drawn) == {"mlp_digits[64-4-10,tanh]", "mlp_digits[64-6-10,tanh]"}
     assert validated == ["mlp_digits[64-4-10,tanh]", "mlp_digits[64-6-10,tanh]"]
+
+
+def test_meta_training_seeds_python_and_numpy_as_well_as_torch(monkeypatch):
+    """A task or plugin drawing from ``random`` or ``np.random`` sees the same stream on every run."""
+    import random
+
+    import numpy as np
+
+    from flat_l2o_plugin.training import experiment
+    from flat_l2o_plugin.training.seeding import seed_everything
+
+    seen = []
+    original = experiment._task
+
+    def task_drawing_globals(spec):  # a task that samples from the global generators when built
+        seen.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+        return original(spec)
+
+    monkeypatch.setattr(experiment, "_task", task_drawing_globals)
+    for scramble in (1, 2):
+        random.seed(scramble), np.random.seed(scramble), torch.manual_seed(scramble)
+        meta_train(optimizer="learned_correction", optimizer_options={"hidden_size": 4}, seed=7, val_tasks=1,
+                   trainer={"meta_steps": 1, "unroll": 1, "horizon": 1, "val_every": 0, "val_steps": 1})
+    assert seen[0] == seen[1]
+    seed_everything(7)  # the optimizer's init draws from torch first; Python and NumPy are untouched until the task
+    assert seen[0][:2] == (random.random(), float(np.random.rand()))
