@@ -55,7 +55,10 @@ class ClassificationTask:
                 raise ConfigError(f"{owner}: train_subset={train_subset} exceeds the {len(y)} examples of "
                                   f"dataset {dataset!r}'s train split")
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(train_subset_seed))
+            self._heldout = (x[order[train_subset:]], y[order[train_subset:]])
             x, y = x[order[:train_subset]], y[order[:train_subset]]
+        else:
+            self._heldout = (x[:0], y[:0])
         self.train_subset, self.train_subset_seed = train_subset, train_subset_seed
         self._train = (x, y)
 
@@ -74,6 +77,25 @@ class ClassificationTask:
 
     def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         x, y = self._train
+        idx = torch.randperm(x.shape[0], generator=generator)[: self.batch_size]
+        return x[idx], y[idx]
+
+    def sample_heldout_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A mini-batch of the ``train`` split's examples that this task does not train on.
+
+        With ``train_subset``, the rest of the dataset's ``train`` split is data from the
+        same distribution that the optimizee never sees: a meta-objective measured on it
+        (``MetaTrainConfig.meta_objective="heldout"``) rewards generalization, while
+        ``val`` stays untouched for model selection and ``test`` for the final report.
+
+        Raises:
+            ConfigError: The task trains on the whole ``train`` split (no ``train_subset``
+                smaller than it), so nothing is held out.
+        """
+        x, y = self._heldout
+        if not len(y):
+            raise ConfigError(f"{type(self).__name__} {self.name}: no held-out training data; set train_subset "
+                              f"below the train split's {len(self._train[1])} examples to hold some out")
         idx = torch.randperm(x.shape[0], generator=generator)[: self.batch_size]
         return x[idx], y[idx]
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -204,6 +204,9 @@ def load_dataset(name: str, **options: Any) -> Dataset:
         name: One of :func:`list_datasets`.
         **options: The dataset's options, e.g. ``train_samples=500`` for ``mnist1d`` or
             ``root="/data"`` for ``mnist``. Each distinct set of options is built once.
+            Every dataset also takes ``label_noise`` (a fraction in [0, 1) of the
+            ``train`` labels replaced by another class; ``val`` and ``test`` stay clean)
+            and ``label_noise_seed`` (which labels, and their new classes; default 0).
 
     Raises:
         ConfigError: Unknown dataset or option (the message lists the accepted ones).
@@ -216,6 +219,8 @@ def load_dataset(name: str, **options: Any) -> Dataset:
         torch.Size([1000, 40])
     """
     loader = _loader(name)
+    noise = options.pop("label_noise", None)
+    noise_seed = options.pop("label_noise_seed", 0)
     signature = inspect.signature(loader)
     try:
         bound = signature.bind(**options)
@@ -227,4 +232,41 @@ def load_dataset(name: str, **options: Any) -> Dataset:
         ) from None
     # Each loader caches what it builds under its own canonical key (a data root, for
     # instance, is resolved first, so two spellings of one folder share an entry).
-    return loader(**bound.arguments)
+    dataset = loader(**bound.arguments)
+    if noise is None or noise == 0:
+        return dataset
+    return _with_label_noise(dataset, noise, noise_seed)
+
+
+def _with_label_noise(dataset: Dataset, fraction: Any, seed: Any) -> Dataset:
+    """``dataset`` with a ``fraction`` of its ``train`` labels replaced by another class.
+
+    Exactly ``round(fraction · n)`` training examples, chosen by ``seed``, get a label
+    drawn uniformly from the *other* classes, so that fraction of the training set is
+    wrong. ``val`` and ``test`` keep their true labels: the noise models a corrupted
+    training set, and every score is still measured against the truth.
+    """
+    owner = f"dataset {dataset.name!r}"
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"{owner}: label_noise must be a fraction in [0, 1), got {fraction!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"{owner}: label_noise_seed must be a non-negative integer, got {seed!r}")
+    key = (id(dataset), float(fraction), seed)
+    if key not in _NOISY:
+        # The clean dataset is kept alongside, so its id cannot be reused while cached.
+        _NOISY[key] = (dataset, _noisy(dataset, float(fraction), seed))
+    return _NOISY[key][1]
+
+
+_NOISY: dict[tuple[int, float, int], tuple[Dataset, Dataset]] = {}
+
+
+def _noisy(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    x, y = dataset.splits["train"]
+    generator = torch.Generator().manual_seed(seed)
+    flipped = torch.randperm(len(y), generator=generator)[: round(fraction * len(y))]
+    # An offset in [1, C-1] added modulo C moves a label to a uniformly drawn other class.
+    offsets = torch.randint(1, dataset.num_classes, (len(flipped),), generator=generator)
+    noisy = y.clone()
+    noisy[flipped] = (y[flipped] + offsets) % dataset.num_classes
+    return replace(dataset, splits={**dataset.splits, "train": (x, noisy)})

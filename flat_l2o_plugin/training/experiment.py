@@ -22,6 +22,7 @@ import torch
 from ..errors import ConfigError
 # The seed partition belongs to the tasks; re-exported here, its former home.
 from ..tasks.seeds import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
+from .seeding import seed_everything
 
 __all__ = ["EVAL_SEEDS_START", "VAL_SEEDS_START", "TRAIN_SEEDS_START", "meta_train", "evaluate", "run_jobs",
            "baseline_class", "smoothed_loss"]
@@ -46,32 +47,37 @@ def _learned_optimizer(name: str, options: Mapping[str, Any] | None,
 
 def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, Any] | None = None,
                wrappers: Sequence[Mapping[str, Any]] | None = None,
-               task: TaskSpec = ("mlp_digits", {}), regularizers: Mapping[str, Any] | None = None,
+               task: TaskSpec = ("mlp_digits", {}), tasks: Sequence[TaskSpec] | None = None,
+               regularizers: Mapping[str, Any] | None = None,
                trainer: Mapping[str, Any] | None = None, seed: int = 0, val_tasks: int = 3,
                threads: int | None = 1) -> dict[str, Any]:
     """Meta-train a registered learned optimizer; returns its best weights and the logs.
 
     ``wrappers`` (``[{"name": ..., **options}]``, innermost first) are stacked around the
     optimizer with :func:`~flat_l2o_plugin.wrappers.wrap`, in meta-training as at test
-    time. Meta-training init seeds are drawn from ``[TRAIN_SEEDS_START, ...)``;
-    validation uses ``val_tasks`` optimizees with seeds from ``VAL_SEEDS_START`` and
-    their ``val`` split.
+    time. ``tasks``, when given, replaces ``task`` by a task family: each trajectory
+    draws one of them uniformly (other architectures, other datasets), and validation
+    cycles through them. Meta-training init seeds are drawn from
+    ``[TRAIN_SEEDS_START, ...)``; validation uses ``val_tasks`` optimizees with seeds
+    from ``VAL_SEEDS_START`` and their ``val`` split.
     """
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     from .. import FlatL2O
     from .meta_trainer import MetaTrainConfig, MetaTrainer
 
     model = _learned_optimizer(optimizer, optimizer_options, wrappers)
-    optimizee = _task(task)
+    optimizees = [_task(spec) for spec in (tasks if tasks else [task])]
 
     def sample(generator: torch.Generator):  # noqa: ANN202
-        return optimizee, TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
+        # A single task draws nothing for its index, so its stream is unchanged.
+        index = int(torch.randint(0, len(optimizees), (1,), generator=generator)) if len(optimizees) > 1 else 0
+        return optimizees[index], TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
 
     config = MetaTrainConfig(**{**dict(trainer or {}), "seed": seed})
     runner = MetaTrainer(model, sample, flat=FlatL2O(dict(regularizers or {})), config=config,
-                         val_tasks=[(optimizee, VAL_SEEDS_START + i) for i in range(val_tasks)])
+                         val_tasks=[(optimizees[i % len(optimizees)], VAL_SEEDS_START + i) for i in range(val_tasks)])
     result = runner.train()
     return {"optimizer": optimizer, "optimizer_options": dict(optimizer_options or {}),
             "wrappers": [dict(w) for w in wrappers or []], "seed": seed,
@@ -82,16 +88,23 @@ def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, An
             "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, bool))} for h in result.history]}
 
 
-_TORCH_BASELINES = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+def _baselines() -> dict[str, type[torch.optim.Optimizer]]:
+    from ..baselines import SAM, EntropySGD
+
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "sam": SAM,
+            "entropy_sgd": EntropySGD}
 
 
 def baseline_class(name: str) -> type[torch.optim.Optimizer]:
-    """``"adam"``, ``"sgd"``, or ``"module:Class"`` for any importable ``torch.optim.Optimizer``."""
-    if name in _TORCH_BASELINES:
-        return _TORCH_BASELINES[name]
+    """A hand-designed optimizer by name: ``"adam"``, ``"adamw"``, ``"sgd"``, ``"sam"``,
+    ``"entropy_sgd"`` (:mod:`flat_l2o_plugin.baselines`), or ``"module:Class"`` for any
+    importable ``torch.optim.Optimizer``."""
+    known = _baselines()
+    if name in known:
+        return known[name]
     module, _, attr = name.partition(":")
     if not attr:
-        raise ConfigError(f"baseline name {name!r}: expected 'adam', 'sgd' or 'module:Class'")
+        raise ConfigError(f"baseline name {name!r}: expected one of {', '.join(sorted(known))} or 'module:Class'")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
@@ -123,7 +136,9 @@ def evaluate(*, learned: Mapping[str, Any] | None = None, baseline: Mapping[str,
 
     Args:
         learned: ``{"name", "options", "wrappers", "state_dict"}`` of a meta-trained
-            optimizer (``options`` and ``wrappers`` optional).
+            optimizer (``options`` and ``wrappers`` optional). Without ``state_dict`` the
+            optimizer runs untrained, with the weights it is built with after
+            ``torch.manual_seed(learned["init_seed"])`` (default 0).
         baseline: ``{"name": "adam" | "sgd" | "module:Class", "lr": ..., **kwargs}`` for a
             ``torch.optim`` optimizer (see :func:`baseline_class`).
         flatness: Also measure, at the final point on the whole training set, the top
@@ -155,8 +170,12 @@ def evaluate(*, learned: Mapping[str, Any] | None = None, baseline: Mapping[str,
     probe = (lambda params: {"top_eigenvalue": top_eigenvalue(params)}) if curve_flatness else None
     start = time.perf_counter()
     if learned is not None:
+        if "state_dict" not in learned:
+            # Untrained: the optimizer as built from a seeded RNG (an ablation's reference).
+            torch.manual_seed(int(learned.get("init_seed", 0)))
         model = _learned_optimizer(learned["name"], learned.get("options"), learned.get("wrappers"))
-        model.load_state_dict(learned["state_dict"])
+        if "state_dict" in learned:
+            model.load_state_dict(learned["state_dict"])
         run = train_with_learned_optimizer(model, optimizee, seed, steps, eval_every=every, eval_splits=(split,),
                                            probe=probe)
     else:

@@ -78,6 +78,10 @@ It must draw only from the generator it is given: on resume the trainer replays 
 the saved generator state to rebuild each in-flight trajectory's task.
 """
 
+META_OBJECTIVES = ("train", "heldout")
+"""The values ``MetaTrainConfig.meta_objective`` accepts."""
+
+
 @dataclass
 class MetaTrainConfig:
     """Budget and hyper-parameters of meta-training.
@@ -96,6 +100,9 @@ class MetaTrainConfig:
         seed: Seeds everything the trainer draws (task instances, init seeds, batches).
         val_every: Validate (and keep the best weights) every this many meta-steps;
             0 disables validation.
+        val_at_start: Also validate the initial weights (as meta-step 0), so they compete
+            for the best checkpoint: a learned optimizer that starts as a hand-designed
+            one (``learned_correction``) then never ends worse than it on validation.
         val_steps: Optimizee steps of each validation run (with a curriculum: the
             current stage's horizon).
         curriculum: Trajectory lengths by stage, e.g. ``(100, 200, 500, 1000)``: the
@@ -109,6 +116,12 @@ class MetaTrainConfig:
         imitation_weight: Scale of the imitation loss in the meta-loss.
         checkpoint_every: With a ``run_dir``, write a checkpoint every this many
             meta-steps (0: only at the end and on interruption).
+        meta_objective: What the meta-loss measures at each iterate: ``"train"``, the
+            mini-batch training loss (the L2O default), or ``"heldout"``, the loss on a
+            mini-batch of data the optimizee does not train on (the task's
+            ``sample_heldout_batch``), which rewards update rules whose optimizees
+            generalize rather than those that fit fastest. Flatness terms are always
+            taken on the training mini-batch.
     """
 
     meta_steps: int = 200
@@ -122,6 +135,7 @@ class MetaTrainConfig:
     clip: float = 1.0
     seed: int = 0
     val_every: int = 50
+    val_at_start: bool = False
     val_steps: int = 100
     curriculum: tuple[int, ...] = ()
     curriculum_patience: int = 1
@@ -131,6 +145,7 @@ class MetaTrainConfig:
     imitation_rho: float = 0.05
     imitation_weight: float = 1.0
     checkpoint_every: int = 10
+    meta_objective: str = "train"
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "unroll", "horizon", "meta_batch", "val_steps", "curriculum_patience"):
@@ -158,6 +173,9 @@ class MetaTrainConfig:
         if list(self.curriculum) != sorted(self.curriculum):
             raise ConfigError(f"MetaTrainConfig.curriculum horizons must increase, got {list(self.curriculum)}")
         _check_number(self, "imitation_prob", 0.0, 1.0)
+        if self.meta_objective not in META_OBJECTIVES:
+            raise ConfigError(f"MetaTrainConfig.meta_objective must be one of {META_OBJECTIVES}, "
+                              f"got {self.meta_objective!r}")
         if self.imitation_teacher not in TEACHERS:
             raise ConfigError(f"MetaTrainConfig.imitation_teacher must be one of {sorted(TEACHERS)}, "
                               f"got {self.imitation_teacher!r}")
@@ -241,6 +259,15 @@ def _takes_generator(init_state: Callable[..., Any]) -> bool:
         return "generator" in inspect.signature(init_state).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _heldout_loss(traj: Trajectory, params: list[Tensor]) -> Tensor:
+    """The loss at ``params`` on a batch of the task's held-out training data (``meta_objective="heldout"``)."""
+    sample = getattr(traj.task, "sample_heldout_batch", None)
+    if sample is None:
+        raise ConfigError(f"MetaTrainConfig.meta_objective='heldout' needs tasks with sample_heldout_batch(); "
+                          f"task {getattr(traj.task, 'name', traj.task)!r} has none")
+    return traj.task.loss(params, sample(traj.generator))
 
 
 class MetaTrainer:
@@ -339,6 +366,7 @@ class MetaTrainer:
         schedule = {"horizon": traj.horizon, "initial_loss": traj.initial_loss}
         total_loss = params[0].new_zeros(())
         terms_sum: dict[str, float] = {}
+        heldout = cfg.meta_objective == "heldout"
         values = [loss.detach()]
         for _ in range(cfg.unroll):
             objective = loss
@@ -350,7 +378,7 @@ class MetaTrainer:
             traj.step += 1
             loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
             loss = loss_fn(params)
-            step_total = loss
+            step_total = loss if not heldout else _heldout_loss(traj, params)
             terms = flat.flatness_terms(params, loss_fn, traj.step, optimizer=self.optimizer,
                                         loss=loss, **schedule)
             for name, term in terms.items():
@@ -647,6 +675,8 @@ class MetaTrainer:
         """Meta-steps ``start .. meta_steps - 1``; fills ``result``; returns the wall time."""
         cfg, dist_ctx = self.config, self.distributed
         metrics = self._open_metrics(start, result)
+        if start == 0 and cfg.val_at_start and self.val_tasks:
+            self._keep_if_best(0, self.validate(), result)
         checkpoints = self._checkpoints if self.run_dir is not None else None
         if checkpoints is not None:
             checkpoints.track(start, saved=self._resumed_from is not None)
@@ -700,10 +730,7 @@ class MetaTrainer:
             return
         scores = self.validate()
         logs.update(scores)
-        result.validation.append({"meta_step": meta_step + 1, **scores})
-        if scores["val_score"] > self._best_score:
-            self._best_score, self._best_step = scores["val_score"], meta_step + 1
-            self._best_weights = copy.deepcopy(self.optimizer.state_dict())
+        self._keep_if_best(meta_step + 1, scores, result)
         if self.curriculum is not None and self.curriculum.observe(scores["val_score"]):
             # Next stage: longer trajectories, starting from the best weights so far.
             self.optimizer.load_state_dict(self._best_weights)
@@ -711,6 +738,12 @@ class MetaTrainer:
             # Scores at different horizons are not comparable: the best is per stage.
             self._best_score = -math.inf
             logs["curriculum_advanced"] = True
+
+    def _keep_if_best(self, meta_steps_done: int, scores: dict[str, float], result: MetaTrainResult) -> None:
+        result.validation.append({"meta_step": meta_steps_done, **scores})
+        if scores["val_score"] > self._best_score:
+            self._best_score, self._best_step = scores["val_score"], meta_steps_done
+            self._best_weights = copy.deepcopy(self.optimizer.state_dict())
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)

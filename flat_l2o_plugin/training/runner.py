@@ -63,6 +63,7 @@ from .checkpoint import Checkpoint, TrainingCheckpointError, checkpoint_dir
 from .distributed import init_distributed, shutdown_distributed
 from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
 from .run_folder import prepare_run_folder
+from .seeding import seed_everything
 
 __all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "RESUMABLE_KEYS", "WEIGHTS_FILE", "build_learned_optimizer", "main",
            "normalize_spec", "run_meta_training", "spec_differences"]
@@ -204,17 +205,6 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value)[:60]
 
 
-def _seed_everything(seed: int) -> None:
-    """torch's, Python's and NumPy's global generators, so that two runs of one spec are identical."""
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed([seed % 2**32, seed // 2**32])  # NumPy's legacy seeding takes 32-bit words
-
-
 def _build(pm: Any, kind: str, part: str, entry: Mapping[str, Any]) -> Any:
     from ..config import check_option_types
 
@@ -281,7 +271,7 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
     try:
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         pm = config_from_dict({"plugins": spec["plugins"]}).plugin_manager()
         if spec["optimizer"]["name"] is not None:
             from ..config import check_option_types

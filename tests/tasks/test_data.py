@@ -96,3 +96,29 @@ def test_unknown_datasets_and_options_name_what_exists():
         load_dataset("mnist1d", samples=10)
     with pytest.raises(ConfigError, match="no split 'dev'"):
         load_dataset("digits").split("dev")
+
+
+def test_label_noise_flips_exactly_that_fraction_of_training_labels_only():
+    clean = load_dataset("digits")
+    noisy = load_dataset("digits", label_noise=0.25, label_noise_seed=3)
+    y, y_noisy = clean.split("train")[1], noisy.split("train")[1]
+    assert int((y != y_noisy).sum()) == round(0.25 * len(y))
+    assert torch.equal(clean.split("train")[0], noisy.split("train")[0])
+    for split in ("val", "test"):
+        assert torch.equal(clean.split(split)[1], noisy.split(split)[1])
+    # Fixed by its seed, cached, and another seed flips other labels.
+    assert load_dataset("digits", label_noise=0.25, label_noise_seed=3) is noisy
+    other = load_dataset("digits", label_noise=0.25, label_noise_seed=4).split("train")[1]
+    assert not torch.equal(other, y_noisy)
+    # New labels are other classes, drawn over all of them.
+    flipped = y != y_noisy
+    assert set(y_noisy[flipped].tolist()) == set(range(10))
+    assert load_dataset("digits", label_noise=0.0) is clean
+
+
+@pytest.mark.parametrize("options, field", [({"label_noise": 1.0}, "label_noise"), ({"label_noise": -0.1}, "label_noise"),
+                                            ({"label_noise": "0.1"}, "label_noise"),
+                                            ({"label_noise": 0.1, "label_noise_seed": -1}, "label_noise_seed")])
+def test_bad_label_noise_names_the_option(options, field):
+    with pytest.raises(ConfigError, match=field):
+        load_dataset("digits", **options)

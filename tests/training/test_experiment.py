@@ -37,7 +37,10 @@ def test_smoothed_loss_is_the_local_entropy_without_its_constant_on_a_quadratic(
 
 
 def test_baselines_by_name_or_import_path():
+    from flat_l2o_plugin.baselines import SAM, EntropySGD
+
     assert baseline_class("adam") is torch.optim.Adam
+    assert (baseline_class("sam"), baseline_class("entropy_sgd")) == (SAM, EntropySGD)
     assert baseline_class("torch.optim:RMSprop") is torch.optim.RMSprop
     with pytest.raises(ConfigError, match="'nonsense'"):
         baseline_class("nonsense")
@@ -81,3 +84,55 @@ def test_wrapped_learned_optimizer_is_meta_trained_and_evaluated_with_its_stack(
     assert len(result["curve"]["top_eigenvalue"]) == len(result["curve"]["step"]) == 5
     # The last curve point is the final point, measured by the same seeded estimator.
     assert result["curve"]["top_eigenvalue"][-1] == result["top_eigenvalue"]
+
+
+def test_meta_training_on_a_task_family_draws_every_member(monkeypatch):
+    """Trajectories draw their task from the family; validation cycles through it."""
+    from flat_l2o_plugin.training import meta_trainer
+
+    drawn, validated = [], []
+    original_new, original_validate = meta_trainer.MetaTrainer._new_trajectory, meta_trainer.MetaTrainer.validate
+
+    def new_trajectory(self, slot):
+        traj = original_new(self, slot)
+        drawn.append(traj.task.name)
+        return traj
+
+    def validate(self):
+        validated.extend(task.name for task, _ in self.val_tasks)
+        return original_validate(self)
+
+    monkeypatch.setattr(meta_trainer.MetaTrainer, "_new_trajectory", new_trajectory)
+    monkeypatch.setattr(meta_trainer.MetaTrainer, "validate", validate)
+    tasks = [("mlp", {"dataset": "digits", "hidden_sizes": [4], "activation": "tanh", "batch_size": 16}),
+             ("mlp", {"dataset": "digits", "hidden_sizes": [6], "activation": "tanh", "batch_size": 16})]
+    meta_train(optimizer="learned_correction", optimizer_options={"hidden_size": 4}, tasks=tasks, val_tasks=2,
+               trainer={"meta_steps": 8, "unroll": 2, "horizon": 2, "val_every": 8, "val_steps": 2})
+    assert set(drawn) == {"mlp_digits[64-4-10,tanh]", "mlp_digits[64-6-10,tanh]"}
+    assert validated == ["mlp_digits[64-4-10,tanh]", "mlp_digits[64-6-10,tanh]"]
+
+
+def test_meta_training_seeds_python_and_numpy_as_well_as_torch(monkeypatch):
+    """A task or plugin drawing from ``random`` or ``np.random`` sees the same stream on every run."""
+    import random
+
+    import numpy as np
+
+    from flat_l2o_plugin.training import experiment
+    from flat_l2o_plugin.training.seeding import seed_everything
+
+    seen = []
+    original = experiment._task
+
+    def task_drawing_globals(spec):  # a task that samples from the global generators when built
+        seen.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+        return original(spec)
+
+    monkeypatch.setattr(experiment, "_task", task_drawing_globals)
+    for scramble in (1, 2):
+        random.seed(scramble), np.random.seed(scramble), torch.manual_seed(scramble)
+        meta_train(optimizer="learned_correction", optimizer_options={"hidden_size": 4}, seed=7, val_tasks=1,
+                   trainer={"meta_steps": 1, "unroll": 1, "horizon": 1, "val_every": 0, "val_steps": 1})
+    assert seen[0] == seen[1]
+    seed_everything(7)  # the optimizer's init draws from torch first; Python and NumPy are untouched until the task
+    assert seen[0][:2] == (random.random(), float(np.random.rand()))

@@ -1,28 +1,15 @@
-"""The hand-designed baselines of benchmarks/hand_designed.py: SAM (and ASAM) and Entropy-SGD."""
+"""The hand-designed baselines: SAM (and ASAM) and Entropy-SGD."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hd = _load("hand_designed")
-SAM, EntropySGD = hd.SAM, hd.EntropySGD
+from flat_l2o_plugin.baselines import SAM, EntropySGD
 
 
 def _mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tensor, Tensor]:

@@ -1,0 +1,361 @@
+"""The study: tune baselines, meta-train candidates, choose on validation, evaluate on held-out tasks.
+
+Phases, each a batch of cached jobs (:mod:`.jobs`):
+
+1. **Baselines** are tuned per task (selection and held-out tasks) on validation
+   optimizees: ``val_seeds`` validation init seeds, scored on the ``val`` split after
+   ``eval_steps`` steps. Grids grow while a pick sits on an edge (:mod:`.grid`).
+2. **Candidates** are meta-trained with ``candidate_meta_seeds`` seeds on their training
+   tasks, and scored on the selection tasks' validation optimizees, deployed with the
+   baselines' picks for each selection task where their ``deploy`` table says so; their
+   untrained selves are scored alike.
+3. **The headline**: the best ``headline`` candidates by validation, and those marked
+   ``always``, are meta-trained up to ``meta_seeds`` seeds (with the candidates they name
+   as ``reference``).
+4. **Held-out evaluation**: each headline candidate (trained, and untrained where it is
+   an ablation), and each baseline at its per-task pick, trains every held-out task from
+   the evaluation seeds ``s(m, e) = m·E + e``: meta-seed m of a learned optimizer meets
+   its own E seeds, and a hand-designed optimizer runs on all M·E of them, so every
+   paired difference carries both sides' seed variance.
+
+Nothing is selected on ``test``. Results are plain JSON (:func:`run_study` returns what
+``results.json`` holds); :mod:`.report` turns them into tables and verdicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..tasks.seeds import EVAL_SEEDS_START, VAL_SEEDS_START
+from .grid import GridResult, search
+from .jobs import Job, JobCache, JobFailure, LocalExecutor, StudyJobError, pending
+from .regime import Candidate, Regime, resolve_picks
+
+__all__ = ["Study", "run_study", "eval_seed"]
+
+Log = Callable[[str], None]
+
+
+def eval_seed(meta_seed_index: int, eval_index: int, eval_seeds: int) -> int:
+    """The optimizee seed of the ``eval_index``-th evaluation of the ``meta_seed_index``-th meta-seed."""
+    return EVAL_SEEDS_START + meta_seed_index * eval_seeds + eval_index
+
+
+def _mean(values: Iterable[float]) -> float:
+    xs = [v for v in values if v == v]
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+class Study:
+    """One regime's study, run through an executor over a job cache in ``out``.
+
+    Args:
+        regime: The parsed regime.
+        out: Folder for ``cache/`` and ``results.json``.
+        executor: Anything with ``run(jobs, cache_dir, on_done) -> failures``; default a
+            local process pool with the regime's ``workers``.
+        log: Progress lines (default: nothing).
+    """
+
+    def __init__(self, regime: Regime, out: str | Path, *, executor: Any = None, log: Log | None = None) -> None:
+        self.regime = regime
+        self.budget = regime.budget
+        self.out = Path(out)
+        self.cache = JobCache(self.out / "cache")
+        self.executor = executor or LocalExecutor(regime.budget.workers)
+        self.log = log or (lambda line: None)
+        self.failures: list[JobFailure] = []
+        self.job_seconds = 0.0
+
+    # ------------------------------------------------------------------ jobs
+
+    def _run(self, jobs: Sequence[Job], what: str) -> list[dict[str, Any] | None]:
+        """Run what is missing of ``jobs`` and return their results (None for a failed job)."""
+        todo = pending(jobs, self.cache)
+        if todo:
+            self.log(f"  {what}: {len(todo)} of {len(jobs)} jobs to run")
+            start = time.perf_counter()
+            failures = self.executor.run(todo, self.cache.folder, None)
+            self.job_seconds += time.perf_counter() - start
+            self.failures += failures
+            for failure in failures:
+                self.log(f"    job {failure.job.key} failed: {failure.job.describe()}: {failure.error}")
+        return [self.cache.load(job.key) if self.cache.has(job.key) else None for job in jobs]
+
+    def _val_seeds(self) -> list[int]:
+        return [VAL_SEEDS_START + i for i in range(self.budget.val_seeds)]
+
+    def _evaluation(self, task_label: str, seed: int, *, split: str, learned: Mapping[str, Any] | None = None,
+                    baseline: Mapping[str, Any] | None = None, flatness: bool = False,
+                    curve_flatness: bool = False) -> Job:
+        args: dict[str, Any] = {"task": list(self.regime.task(task_label)), "seed": seed,
+                                "steps": self.budget.eval_steps, "split": split, "flatness": flatness}
+        if flatness:
+            args["entropy_gamma"] = self.budget.entropy_gamma
+        if curve_flatness:
+            args["curve_flatness"] = True
+        if not flatness and not curve_flatness:
+            args["curve_points"] = 1
+        if learned is not None:
+            args["learned"] = dict(learned)
+        if baseline is not None:
+            args["baseline"] = dict(baseline)
+        return Job("evaluate", args)
+
+    # ------------------------------------------------------------------ 1. baselines
+
+    def _baseline_spec(self, label: str, point: Mapping[str, Any]) -> dict[str, Any]:
+        base = self.regime.baselines[label]
+        return {"name": base.optimizer, **base.fixed, **point}
+
+    def tune_baselines(self) -> dict[str, dict[str, GridResult]]:
+        """Grid-search every baseline on every selection and held-out task (validation)."""
+        regime, seeds = self.regime, self._val_seeds()
+        tasks = list(dict.fromkeys([*regime.selection, *regime.held_out]))
+        from .grid import expand
+
+        # Every initial grid at once, so the pool is full; the searches then find them cached.
+        first = [self._evaluation(t, s, split="val", baseline=self._baseline_spec(b, p))
+                 for b, base in regime.baselines.items() for t in tasks for p in expand(base.grid) for s in seeds]
+        self._run(first, "baseline grids (validation)")
+        out: dict[str, dict[str, GridResult]] = {}
+        for label, base in regime.baselines.items():
+            for task in tasks:
+                def score(points: list[dict[str, Any]], label: str = label, task: str = task) -> list[float]:
+                    jobs = [self._evaluation(task, s, split="val", baseline=self._baseline_spec(label, p))
+                            for p in points for s in seeds]
+                    results = self._run(jobs, f"grid extension: {label} on {task}")
+                    accs = [r["val_accuracy"] if r is not None else float("nan") for r in results]
+                    return [_mean(accs[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(points))]
+
+                out.setdefault(label, {})[task] = search(base.grid, score, extend=base.extend,
+                                                         max_extensions=self.budget.max_grid_extensions,
+                                                         bounds=base.bounds)
+        return out
+
+    # ------------------------------------------------------------------ 2-3. candidates
+
+    def _meta_job(self, candidate: Candidate, seed: int) -> Job:
+        regime = self.regime
+        tasks = [list(regime.task(t)) for t in regime.trained_on(candidate)]
+        args = {"optimizer": candidate.optimizer, "optimizer_options": candidate.options,
+                "wrappers": candidate.wrappers, "tasks": tasks, "regularizers": candidate.regularizers,
+                "trainer": {**regime.trainer, **candidate.trainer}, "seed": seed,
+                "val_tasks": max(self.budget.val_seeds, len(tasks))}
+        return Job("meta_train", args)
+
+    def meta_train(self, candidates: Sequence[Candidate], seeds: int, what: str) -> dict[str, list[str]]:
+        """Meta-train ``candidates`` with meta-seeds ``0..seeds-1``; returns their job keys."""
+        jobs = {c.label: [self._meta_job(c, s) for s in range(seeds)] for c in candidates}
+        self._run([j for js in jobs.values() for j in js], what)
+        return {label: [j.key for j in js] for label, js in jobs.items()}
+
+    def _learned(self, candidate: Candidate, picks: Mapping[str, Mapping[str, Any]], *,
+                 weights_key: str | None, init_seed: int = 0) -> dict[str, Any]:
+        """What an evaluation job needs to rebuild ``candidate``, deployed with ``picks``."""
+        deploy = resolve_picks(candidate.deploy, picks)
+        options = {**candidate.options, **deploy.get("options", {})}
+        wrappers = [dict(w) for w in candidate.wrappers]
+        for i, override in enumerate(deploy.get("wrappers", [])):
+            wrappers[i].update(override)
+        spec = {"name": candidate.optimizer, "options": options, "wrappers": wrappers}
+        return {**spec, "weights_key": weights_key} if weights_key is not None else {**spec, "init_seed": init_seed}
+
+    @staticmethod
+    def _picks_for(grids: Mapping[str, Mapping[str, GridResult]], task: str) -> dict[str, dict[str, Any]]:
+        return {label: dict(per_task[task].pick) for label, per_task in grids.items() if task in per_task}
+
+    def select(self, grids: Mapping[str, Mapping[str, GridResult]], keys: Mapping[str, list[str]]
+               ) -> dict[str, dict[str, Any]]:
+        """Validation scores of every candidate (trained and untrained) on the selection tasks."""
+        regime = self.regime
+        tasks = list(regime.selection) or sorted({t for c in regime.candidates for t in regime.trained_on(c)})
+        jobs, index = [], []
+        for c in regime.candidates:
+            for task in tasks:
+                picks = self._picks_for(grids, task)
+                for m, key in enumerate(keys[c.label]):
+                    for s in self._val_seeds():
+                        jobs.append(self._evaluation(task, s, split="val", learned=self._learned(c, picks, weights_key=key)))
+                        index.append((c.label, "trained", task, m))
+                if c.runs_untrained:
+                    for s in self._val_seeds():
+                        jobs.append(self._evaluation(task, s, split="val", learned=self._learned(c, picks, weights_key=None)))
+                        index.append((c.label, "untrained", task, 0))
+        results = self._run(jobs, "candidates on the selection tasks (validation)")
+        scores: dict[str, dict[str, Any]] = {}
+        for (label, kind, task, m), r in zip(index, results):
+            entry = scores.setdefault(label, {"trained": {}, "untrained": {}})
+            entry[kind].setdefault(task, []).append(r["val_accuracy"] if r is not None else float("nan"))
+        for entry in scores.values():
+            entry["trained_mean"] = _mean(v for vs in entry["trained"].values() for v in vs)
+            entry["untrained_mean"] = _mean(v for vs in entry["untrained"].values() for v in vs)
+        return scores
+
+    def headline_candidates(self, scores: Mapping[str, Mapping[str, Any]]) -> list[Candidate]:
+        """``always`` candidates, then the best ``headline`` ``auto`` ones by validation; then their references."""
+        regime = self.regime
+        auto = sorted((c for c in regime.candidates if c.headline == "auto"),
+                      key=lambda c: -scores[c.label]["trained_mean"])
+        chosen = [c for c in regime.candidates if c.headline == "always"] + auto[: self.budget.headline]
+        labels = [c.label for c in chosen]
+        for c in list(chosen):
+            if c.reference is not None and c.reference not in labels:
+                chosen.append(regime.candidate(c.reference))
+                labels.append(c.reference)
+        return chosen
+
+    # ------------------------------------------------------------------ 4. held-out
+
+    def held_out(self, grids: Mapping[str, Mapping[str, GridResult]], headline: Sequence[Candidate],
+                 keys: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+        """Every headline row and baseline on every held-out task, on the test split."""
+        regime, budget = self.regime, self.budget
+        m_count, e_count = budget.meta_seeds, budget.eval_seeds
+        jobs, index = [], []
+        for t_index, task in enumerate(regime.held_out):
+            picks = self._picks_for(grids, task)
+            flatness = budget.flatness
+            curve = flatness and t_index == 0  # the eigenvalue curve of the first held-out task is plotted
+
+            def add(row: str, kind: str, meta_seed: int | None, learned=None, baseline=None, seed: int = 0) -> None:
+                jobs.append(self._evaluation(task, seed, split="test", learned=learned, baseline=baseline,
+                                             flatness=flatness, curve_flatness=curve))
+                index.append({"optimizer": row, "kind": kind, "task": task, "meta_seed": meta_seed, "seed": seed})
+
+            for c in headline:
+                for m in range(m_count):
+                    learned = self._learned(c, picks, weights_key=keys[c.label][m])
+                    for e in range(e_count):
+                        add(c.label, "learned", m, learned=learned, seed=eval_seed(m, e, e_count))
+                    if c.runs_untrained:
+                        untrained = self._learned(c, picks, weights_key=None, init_seed=m)
+                        for e in range(e_count):
+                            add(f"{c.label} (untrained)", "untrained", m, learned=untrained,
+                                seed=eval_seed(m, e, e_count))
+            for label in regime.baselines:
+                baseline = self._baseline_spec(label, picks[label])
+                for m in range(m_count):
+                    for e in range(e_count):
+                        add(label, "baseline", None, baseline=baseline, seed=eval_seed(m, e, e_count))
+        results = self._run(jobs, "held-out evaluation (test split)")
+        runs = []
+        for meta, r in zip(index, results):
+            if r is None:
+                runs.append({**meta, "failed": True})
+                continue
+            runs.append({**meta, "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
+                         "train_accuracy": r["train_accuracy"], "train_loss": r["train_loss"],
+                         "top_eigenvalue": r["top_eigenvalue"], "smoothed_loss": r["smoothed_loss"],
+                         "seconds": r["seconds"], "diverged_at": r["diverged_at"],
+                         **({"curve": r["curve"]} if meta["task"] == regime.held_out[0] else {})})
+        return runs
+
+    # ------------------------------------------------------------------ all of it
+
+    def run(self) -> dict[str, Any]:
+        regime, budget = self.regime, self.budget
+        start = time.perf_counter()
+        self.log(f"[{regime.name}] {regime.description}")
+        grids = self.tune_baselines()
+        keys = self.meta_train(regime.candidates, budget.candidate_meta_seeds, "candidates (meta-training)")
+        scores = self.select(grids, keys)
+        headline = self.headline_candidates(scores)
+        self.log(f"  headline: {[c.label for c in headline]}")
+        keys.update(self.meta_train(headline, budget.meta_seeds, "headline rows (meta-training to all meta-seeds)"))
+        runs = self.held_out(grids, headline, keys)
+        meta_runs = []
+        for c in regime.candidates:
+            for m, key in enumerate(keys[c.label]):
+                r = self.cache.load(key) if self.cache.has(key) else None
+                if r is None:
+                    meta_runs.append({"label": c.label, "meta_seed": m, "key": key, "failed": True})
+                    continue
+                meta_runs.append({"label": c.label, "meta_seed": m, "key": key,
+                                  "best_val_accuracy": r["best_val_accuracy"], "best_step": r["best_step"],
+                                  "skipped": r["skipped"], "seconds": r["seconds"],
+                                  "weights_digest": r["weights_digest"], "validation": r["validation"],
+                                  "never_learned": not r["best_val_accuracy"] > budget.failure_accuracy})
+        if self.failures:
+            report = self.out / "failed_jobs.json"
+            from .._atomic import write_atomically
+
+            write_atomically(report, json.dumps([{"key": f.job.key, "kind": f.job.kind, "args": f.job.args,
+                                                  "error": f.error, "traceback": f.trace} for f in self.failures],
+                                                 indent=1, default=str).encode(), OSError)
+            names = " | ".join(f"{f.job.key} {f.job.describe()}: {f.error}" for f in self.failures)
+            raise StudyJobError(f"{len(self.failures)} job(s) failed, the others are cached and a rerun retries "
+                                f"only these (details in {report}): {names}")
+        return {
+            "regime": regime.source, "name": regime.name, "description": regime.description,
+            "budget": dataclasses.asdict(budget),
+            "grids": {label: {task: _grid_record(g) for task, g in per_task.items()} for label, per_task in grids.items()},
+            "selection": scores, "headline": [c.label for c in headline],
+            "candidates": [_candidate_record(c) for c in regime.candidates],
+            "meta_runs": meta_runs, "runs": runs, "environment": environment(),
+            "wall_seconds": time.perf_counter() - start, "job_seconds": self.job_seconds,
+        }
+
+
+def _grid_record(result: GridResult) -> dict[str, Any]:
+    runner = result.runner_up()
+    return {"pick": result.pick, "score": result.score, "grid": result.grid, "extensions": result.extensions,
+            "on_edge": result.on_edge, "scores": [[p, s] for p, s in result.scores],
+            "runner_up": None if runner is None else {"point": runner[0], "score": runner[1]}}
+
+
+def _candidate_record(c: Candidate) -> dict[str, Any]:
+    return {"label": c.label, "optimizer": c.optimizer, "options": c.options, "wrappers": c.wrappers,
+            "train_on": list(c.train_on), "trainer": c.trainer, "regularizers": c.regularizers, "deploy": c.deploy,
+            "untrained": c.runs_untrained, "headline": c.headline, "reference": c.reference,
+            "flatness_aware": c.flatness_aware}
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were computed with: versions, CPU, threads per job."""
+    from importlib import metadata
+
+    import numpy
+    import torch
+
+    try:
+        version = metadata.version("flat-l2o-plugin")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"flat_l2o_plugin": version, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "threads_per_job": 1}
+
+
+def run_study(regime: Regime, out: str | Path, *, executor: Any = None, log: Log | None = None) -> dict[str, Any]:
+    """Run (or resume) ``regime``'s study in ``out`` and write ``out/results.json``.
+
+    Raises:
+        StudyJobError: Some jobs failed; every other job's result is cached, and running
+            the same study again retries only what is missing.
+    """
+    from .._atomic import write_atomically
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # A resumed study's wall time is summed over the invocations that worked on it.
+    elapsed_file = out / "elapsed.json"
+    before = json.loads(elapsed_file.read_text())["seconds"] if elapsed_file.exists() else 0.0
+    start = time.perf_counter()
+    try:
+        results = Study(regime, out, executor=executor, log=log).run()
+    finally:
+        total = before + time.perf_counter() - start
+        write_atomically(elapsed_file, json.dumps({"seconds": total}).encode(), OSError)
+    results["wall_seconds"] = total
+    write_atomically(out / "results.json", json.dumps(results, indent=1, default=str).encode(), OSError)
+    return results

@@ -1,0 +1,119 @@
+"""The study pipeline end to end on a tiny regime: seeds, rows, caching, failures."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from flat_l2o_plugin.study.jobs import Job, JobCache, LocalExecutor, StudyJobError, job_key
+from flat_l2o_plugin.study.pipeline import eval_seed, run_study
+from flat_l2o_plugin.study.regime import load_regime, regime_from_dict
+from flat_l2o_plugin.study.report import analyse, compact, write_report
+
+HERE = Path(__file__).resolve().parent
+
+
+class CountingExecutor(LocalExecutor):
+    def __init__(self) -> None:
+        super().__init__(workers=1)
+        self.ran: list[Job] = []
+
+    def run(self, jobs, cache_dir, on_done=None):
+        self.ran += list(jobs)
+        return super().run(jobs, cache_dir, on_done)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    executor = CountingExecutor()
+    results = run_study(load_regime(HERE / "tiny_regime.toml"), out, executor=executor)
+    return out, results, executor
+
+
+def test_every_row_runs_on_the_seeds_of_the_design(tiny):
+    _, results, _ = tiny
+    runs = results["runs"]
+    budget = results["budget"]
+    m, e = budget["meta_seeds"], budget["eval_seeds"]
+    expected = {eval_seed(i, j, e) for i in range(m) for j in range(e)}
+    assert len(expected) == m * e
+    rows = {r["optimizer"] for r in runs}
+    assert rows == {"adam", "sam", "correction+sam", "correction+sam (untrained)"}
+    for row in rows:
+        mine = [r for r in runs if r["optimizer"] == row]
+        assert {r["seed"] for r in mine} == expected, row
+        if row in ("adam", "sam"):
+            assert all(r["meta_seed"] is None for r in mine)
+        else:  # meta-seed i meets its own evaluation seeds
+            assert all(r["seed"] in {eval_seed(r["meta_seed"], j, e) for j in range(e)} for r in mine)
+    assert results["headline"] == ["correction+sam"]
+    assert [r["label"] for r in results["meta_runs"]] == ["correction+sam"] * 2 + ["correction"]
+    assert all(len(r["weights_digest"]) == 64 for r in results["meta_runs"])
+
+
+def test_a_second_run_finds_every_job_cached(tiny):
+    out, results, first = tiny
+    assert first.ran
+    again = CountingExecutor()
+    rerun = run_study(load_regime(HERE / "tiny_regime.toml"), out, executor=again)
+    assert again.ran == []
+    assert rerun["runs"] == results["runs"]
+
+
+def test_the_report_regenerates_from_its_compact_json(tiny, tmp_path):
+    out, results, _ = tiny
+    md = write_report(out / "results.json", tmp_path)
+    text = md.read_text()
+    assert "## The answer" in text and "correction+sam" in text and "p_holm" in text
+    small = json.loads((tmp_path / "results.json").read_text())
+    assert small["compact"] and "curve" not in json.dumps(small["runs"])
+    write_report(tmp_path / "results.json", tmp_path / "again")
+    assert (tmp_path / "again" / "results.md").read_text() == text
+    assert analyse(compact(results))["targets"]["beat"] == "sam"
+
+
+def test_a_failing_job_is_named_and_the_others_are_kept(tmp_path):
+    data = tomllib.loads((HERE / "tiny_regime.toml").read_text())
+    data = copy.deepcopy(data)
+    data["baselines"]["adam"]["grid"] = {"lr": [0.003, -1.0]}  # torch refuses a negative learning rate
+    data["baselines"]["adam"]["extend"] = []
+    with pytest.raises(StudyJobError) as error:
+        run_study(regime_from_dict(data), tmp_path)
+    message = str(error.value)
+    assert "job(s) failed" in message and "Invalid learning rate" in message and "adam" in message
+    assert job_key_in(message) and "lr" in message
+    cache = JobCache(tmp_path / "cache")
+    assert any(cache.folder.glob("*.json")), "the jobs that succeeded are cached"
+    assert not (tmp_path / "results.json").exists()
+
+
+def job_key_in(text: str) -> bool:
+    return any(len(word) == 24 and all(c in "0123456789abcdef" for c in word) for word in text.split())
+
+
+def test_a_job_that_dies_while_storing_leaves_no_result(tmp_path, monkeypatch):
+    import torch
+
+    cache = JobCache(tmp_path)
+    key = job_key("meta_train", {"x": 1})
+    from flat_l2o_plugin import _atomic
+
+    calls = []
+    real = _atomic.write_atomically
+
+    def dying(path, payload, error):
+        calls.append(path)
+        if path.suffix == ".json":
+            raise KeyboardInterrupt  # killed between the weights and the JSON
+        real(path, payload, error)
+
+    monkeypatch.setattr(_atomic, "write_atomically", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cache.store(key, {"state_dict": {"w": torch.ones(2)}, "best": 1.0})
+    assert not cache.has(key) and [p.suffix for p in calls] == [".safetensors", ".json"]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,92 @@
+"""Regime files: what a user brings is checked, and every error names its key, task or candidate."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from flat_l2o_plugin.errors import ConfigError
+from flat_l2o_plugin.study.regime import load_regime, regime_from_dict, resolve_picks
+
+HERE = Path(__file__).resolve().parent
+TINY = tomllib.loads((HERE / "tiny_regime.toml").read_text())
+SHIPPED = Path(__file__).resolve().parents[2] / "flat_l2o_plugin" / "study" / "regimes"
+
+
+def _with(**changes):
+    data = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        target = data
+        *path, last = dotted.split("__")
+        for key in path:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        if value is None:
+            del target[last]
+        else:
+            target[last] = value
+    return data
+
+
+def test_the_tiny_regime_parses():
+    regime = regime_from_dict(TINY)
+    assert regime.family == ("train",) and regime.held_out == ("wide",)
+    assert [c.label for c in regime.candidates] == ["correction+sam", "correction"]
+    assert regime.candidates[0].runs_untrained and regime.candidates[0].flatness_aware
+    assert not regime.candidates[1].runs_untrained and not regime.candidates[1].flatness_aware
+    assert regime.baselines["sam"].extend == ("rho",)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"budget__meta_sedes": 3}, "did you mean 'meta_seeds'"),
+    ({"budget__meta_seeds": 0}, "budget.meta_seeds"),
+    ({"budget__candidate_meta_seeds": 5}, "candidate_meta_seeds"),
+    ({"budget__eval_seeds": 60}, "100"),
+    ({"budget__flatness": "yes"}, "budget.flatness"),
+    ({"sets__held_out": ["wied"]}, "did you mean 'wide'"),
+    ({"sets__held_out": []}, "sets.held_out"),
+    ({"tasks__wide": ["mlp"]}, "tasks.wide"),
+    ({"baselines__sam__extend": ["lr", "momentum"]}, "baselines.sam.extend"),
+    ({"baselines__sam__fixed": {"rho": 0.1}}, "both fixed and in the grid"),
+    ({"candidates__0__deploy": {"options": {"lr": "@sam.lrr"}}}, "did you mean '@sam.lr'"),
+    ({"candidates__0__train_on": ["wide"]}, "held-out tasks"),
+    ({"candidates__1__label": "correction+sam"}, "used twice"),
+    ({"candidates__1__label": "adam"}, "used twice"),
+    ({"candidates__0__headline": "sometimes"}, "headline"),
+    ({"candidates__0__reference": "nothing"}, "reference"),
+    ({"targets__beat": "lion"}, "targets.beat"),
+    ({"name": None}, "missing name"),
+])
+def test_bad_regimes_name_what_is_wrong(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        regime_from_dict(_with(**changes))
+
+
+def test_files_that_are_not_regimes_are_refused_with_their_path(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_regime(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_regime(tmp_path)
+    (tmp_path / "bytes.toml").write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="bytes.toml is not valid TOML"):
+        load_regime(tmp_path / "bytes.toml")
+    (tmp_path / "typo.toml").write_text((HERE / "tiny_regime.toml").read_text().replace("[sets]", "[setz]"))
+    with pytest.raises(ConfigError, match=r"typo.toml: regime: unknown key 'setz'"):
+        load_regime(tmp_path / "typo.toml")
+
+
+def test_picks_replace_references_anywhere():
+    picks = {"sam": {"lr": 0.01, "rho": 0.2}}
+    deploy = {"options": {"lr": "@sam.lr"}, "wrappers": [{"rho": "@sam.rho", "adaptive": True}]}
+    assert resolve_picks(deploy, picks) == {"options": {"lr": 0.01}, "wrappers": [{"rho": 0.2, "adaptive": True}]}
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_regimes_are_valid_and_quick_mode_shrinks_them(path):
+    full, quick = load_regime(path), load_regime(path, quick=True)
+    assert full.budget.eval_steps > full.trainer["horizon"], "held-out runs must outlast the meta-training horizon"
+    assert full.budget.meta_seeds >= 5 and full.budget.eval_seeds >= 10
+    assert quick.trainer["meta_steps"] < full.trainer["meta_steps"]
+    assert len(quick.candidates) <= len(full.candidates) and quick.budget.meta_seeds <= full.budget.meta_seeds
