@@ -93,7 +93,13 @@ class Budget:
             below this never learned (it is counted, and kept).
         entropy_gamma: Scope γ of the smoothed-loss flatness measure at the final point.
         flatness: Measure flatness (top Hessian eigenvalue, smoothed loss) at the end of
-            every held-out run, and the eigenvalue along the first held-out task's curves.
+            held-out runs, and the eigenvalue along the first held-out task's curves.
+        flatness_seeds: Measure it on the first this many evaluation seeds of each
+            meta-seed (and the curve on the first); 0: on every run. It costs about as
+            much as the run, and a mean over a subset answers what the table asks.
+        held_out_baselines: The baselines run on the held-out test split, each with
+            ``meta_seeds × eval_seeds`` seeds, and compared with every headline row;
+            empty: all of them. The others are tuned and reported on validation only.
         workers: Parallel jobs on this machine.
     """
 
@@ -107,12 +113,14 @@ class Budget:
     failure_accuracy: float = 0.2
     entropy_gamma: float = 1000.0
     flatness: bool = True
+    flatness_seeds: int = 0
+    held_out_baselines: tuple[str, ...] = ()
     workers: int = 2
 
     def __post_init__(self) -> None:
         for name in ("meta_seeds", "candidate_meta_seeds", "eval_seeds", "val_seeds", "eval_steps", "workers"):
             _positive_int(f"budget.{name}", getattr(self, name))
-        for name in ("headline", "max_grid_extensions"):
+        for name in ("headline", "max_grid_extensions", "flatness_seeds"):
             _positive_int(f"budget.{name}", getattr(self, name), minimum=0)
         if self.candidate_meta_seeds > self.meta_seeds:
             raise ConfigError(f"budget.candidate_meta_seeds ({self.candidate_meta_seeds}) must not exceed "
@@ -164,6 +172,11 @@ class Candidate:
             it trains an evaluation optimizee; values may be ``"@baseline.option"``.
         untrained: Also evaluate it with its initial weights, as an ablation row (the
             default for candidates with wrappers: base + wrapper, nothing learned).
+        untrained_is: A baseline whose update *is* this candidate's at its initial
+            weights once deployed (SAM for ``learned_correction(adam)`` in
+            ``sam_gradient`` at SAM's picks): the held-out table then uses that
+            baseline's runs as the untrained row instead of running the same update
+            again. The study checks the identity on a short trajectory first.
         headline: ``"auto"`` (if validation ranks it among the best), ``"always"`` or
             ``"never"``.
         reference: Another candidate's label this one is an ablation of (e.g. the same
@@ -179,6 +192,7 @@ class Candidate:
     regularizers: dict[str, Any] = field(default_factory=dict)
     deploy: dict[str, Any] = field(default_factory=dict)
     untrained: bool | None = None
+    untrained_is: str | None = None
     headline: str = "auto"
     reference: str | None = None
 
@@ -285,6 +299,10 @@ def _dataclass(cls: type, data: Any, where: str, **extra: Any) -> Any:
             raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
         if kind in ("str",) and not isinstance(value, str):
             raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+        if kind in ("tuple[str, ...]",):
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise ConfigError(f"{where}.{key} must be a list of strings, got {value!r}")
+            data[key] = tuple(value)
     return cls(**data, **extra)
 
 
@@ -360,13 +378,16 @@ def _candidate(index: int, data: Any, tasks: Mapping[str, Any]) -> Candidate:
     untrained = data.get("untrained")
     if untrained is not None and not isinstance(untrained, bool):
         raise ConfigError(f"{where}.untrained must be true or false, got {untrained!r}")
+    untrained_is = data.get("untrained_is")
+    if untrained_is is not None and not (isinstance(untrained_is, str) and untrained_is):
+        raise ConfigError(f"{where}.untrained_is must name a baseline, got {untrained_is!r}")
     return Candidate(
         label=data["label"], optimizer=data["optimizer"], options=_table(data.get("options", {}), f"{where}.options"),
         wrappers=[dict(w) for w in wrappers],
         train_on=_labels(data["train_on"], f"{where}.train_on", tasks) if "train_on" in data else (),
         trainer=_table(data.get("trainer", {}), f"{where}.trainer"),
         regularizers=_table(data.get("regularizers", {}), f"{where}.regularizers"), deploy=deploy,
-        untrained=untrained, headline=headline, reference=data.get("reference"))
+        untrained=untrained, untrained_is=untrained_is, headline=headline, reference=data.get("reference"))
 
 
 _TOP = ["name", "description", "budget", "trainer", "tasks", "sets", "baselines", "candidates", "targets", "quick"]
@@ -431,12 +452,25 @@ def regime_from_dict(data: Mapping[str, Any], *, quick: bool = False) -> Regime:
         if c.reference is not None and c.reference not in labels:
             raise ConfigError(f"candidate {c.label!r}: reference {c.reference!r} is not a candidate")
         _check_references(c, baselines)
+        if c.untrained_is is not None and c.untrained_is not in baselines:
+            raise ConfigError(f"candidate {c.label!r}: untrained_is {c.untrained_is!r} is not a baseline; "
+                              f"baselines: {', '.join(baselines)}")
     targets = _dataclass(Targets, data.get("targets", {}), "targets")
     for key in ("beat", "no_collapse_vs"):
         if getattr(targets, key) not in baselines:
             raise ConfigError(f"targets.{key}: no baseline {getattr(targets, key)!r}; baselines: {', '.join(baselines)}")
+    budget = _dataclass(Budget, data.get("budget", {}), "budget")
+    if budget.held_out_baselines:
+        unknown = [b for b in budget.held_out_baselines if b not in baselines]
+        if unknown:
+            raise ConfigError(f"budget.held_out_baselines: no baseline {unknown[0]!r}; baselines: {', '.join(baselines)}")
+        needed = {targets.beat, targets.no_collapse_vs} | {c.untrained_is for c in parsed if c.untrained_is}
+        missing = sorted(needed - set(budget.held_out_baselines))
+        if missing:
+            raise ConfigError(f"budget.held_out_baselines must include {missing}: the targets or an untrained_is "
+                              "compare with them on the held-out tasks")
     return Regime(name=data["name"], description=str(data.get("description", "")),
-                  budget=_dataclass(Budget, data.get("budget", {}), "budget"),
+                  budget=budget,
                   trainer=_table(data.get("trainer", {}), "[trainer]"), tasks=tasks, family=family,
                   selection=selection, held_out=held_out, baselines=baselines, candidates=parsed, targets=targets,
                   source=data)

@@ -112,6 +112,13 @@ def _summary(runs: Sequence[Mapping[str, Any]], row: str, task: str) -> Comparis
     return compare(clusters)
 
 
+def _untrained_reference(candidate: Mapping[str, Any]) -> str | None:
+    """The row holding a candidate's untrained self: its own ablation row, or the baseline it equals."""
+    if candidate.get("untrained_is"):
+        return candidate["untrained_is"]
+    return f"{candidate['label']} (untrained)" if candidate["untrained"] else None
+
+
 def _verdict(c: Comparison, p: float) -> str:
     if c.clusters < 2 or math.isnan(c.mean) or p >= ALPHA:
         return "within noise"
@@ -123,20 +130,23 @@ def analyse(data: Mapping[str, Any]) -> dict[str, Any]:
     data = expand(data)
     runs = [r for r in data["runs"] if not r.get("failed")]
     tasks = list(data["regime"]["sets"]["held_out"])
-    baselines = list(data["regime"]["baselines"])
+    baselines = list(data["budget"].get("held_out_baselines") or data["regime"]["baselines"])
     candidates = {c["label"]: c for c in data["candidates"]}
     headline = list(data["headline"])
     targets = {"beat": "sam", "beat_on_at_least": 4, "no_collapse_vs": "adam", "collapse_points": 1.0,
                "learned_contribution_on_at_least": 3, **data["regime"].get("targets", {})}
-    rows = baselines + [x for c in headline for x in ([c, f"{c} (untrained)"] if candidates[c]["untrained"] else [c])]
+    untrained_of = {c: _untrained_reference(candidates[c]) for c in headline}
+    rows = baselines + [x for c in headline
+                        for x in ([c, untrained_of[c]] if untrained_of[c] == f"{c} (untrained)" else [c])]
     accuracy = {row: {t: _summary(runs, row, t) for t in tasks} for row in rows}
 
     # The Holm family: every comparison of a headline learned row.
     hypotheses = []
     for c in headline:
-        references = [(b, "vs baseline") for b in baselines]
-        if candidates[c]["untrained"]:
-            references.append((f"{c} (untrained)", "learned contribution"))
+        # A baseline that is this row's untrained self gives one comparison, of both kinds.
+        references = [(b, "learned contribution" if b == untrained_of[c] else "vs baseline") for b in baselines]
+        if untrained_of[c] == f"{c} (untrained)":
+            references.append((untrained_of[c], "learned contribution"))
         if candidates[c]["reference"]:
             references.append((candidates[c]["reference"], "vs reference"))
         for ref, kind in references:
@@ -165,7 +175,7 @@ def analyse(data: Mapping[str, Any]) -> dict[str, Any]:
         learned = [h["task"] for h in mine if h["kind"] == "learned contribution" and h["verdict_holm"] == "better"]
         verdicts.append({
             "row": c, "beats": beat, "collapses": collapse, "learned_contribution": learned,
-            "untrained_row": bool(candidates[c]["untrained"]),
+            "untrained_row": untrained_of[c] is not None, "untrained_reference": untrained_of[c],
             "met_beat": len(beat) >= targets["beat_on_at_least"], "met_no_collapse": not collapse,
             "met_contribution": len(learned) >= targets["learned_contribution_on_at_least"]})
     for v in verdicts:
@@ -222,7 +232,9 @@ def render(data: Mapping[str, Any], analysis: Mapping[str, Any], *, reading: str
                      + (f"trails tuned {targets['no_collapse_vs']} by more than {targets['collapse_points']:g} point "
                         f"on {', '.join(v['collapses'])}; " if v["collapses"] else
                         f"never more than {targets['collapse_points']:g} point below tuned {targets['no_collapse_vs']}; ")
-                     + (f"learned contribution (trained − untrained) above 0 on {len(v['learned_contribution'])} "
+                     + (f"learned contribution (trained − untrained"
+                        f"{'' if v['untrained_reference'].endswith('(untrained)') else ' = ' + v['untrained_reference']}"
+                        f") above 0 on {len(v['learned_contribution'])} "
                         f"(target ≥ {targets['learned_contribution_on_at_least']})"
                         if v["untrained_row"] else "no untrained row, so no learned contribution is measured")
                      + ".")
@@ -231,7 +243,8 @@ def render(data: Mapping[str, Any], analysis: Mapping[str, Any], *, reading: str
     lines += ["", "## Held-out test accuracy (%)", "",
               f"Mean and 95% interval. Learned rows: {budget['meta_seeds']} meta-seeds × {budget['eval_seeds']} "
               f"evaluation seeds (clustered by meta-seed); hand-designed rows: {budget['meta_seeds'] * budget['eval_seeds']} "
-              "evaluation seeds, the same ones. Each baseline runs at its own per-task pick.", ""]
+              "evaluation seeds, the same ones. Each baseline runs at its own per-task pick."
+              + _validation_only(data, a), ""]
     lines += _table(["optimizer", *tasks], ([row, *(_acc(a["accuracy"][row][t]) for t in tasks)] for row in a["rows"]))
     lines += ["", "## Paired differences (accuracy points)", "",
               f"Treatment − reference, paired on the optimizee seed (and meta-seed). `p_holm`: Holm-adjusted over "
@@ -252,6 +265,11 @@ def render(data: Mapping[str, Any], analysis: Mapping[str, Any], *, reading: str
     lines += _flatness_section(a)
     lines += _environment_section(data)
     return "\n".join(lines) + "\n"
+
+
+def _validation_only(data: Mapping[str, Any], a: Mapping[str, Any]) -> str:
+    others = [b for b in data["regime"]["baselines"] if b not in a["rows"]]
+    return (f" Tuned and reported on validation only (see the picks below): {', '.join(others)}." if others else "")
 
 
 def _candidates_section(data: Mapping[str, Any]) -> list[str]:

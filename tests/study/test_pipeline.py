@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from flat_l2o_plugin.errors import ConfigError
 from flat_l2o_plugin.study.jobs import Job, JobCache, LocalExecutor, StudyJobError, job_key
 from flat_l2o_plugin.study.pipeline import eval_seed, run_study
 from flat_l2o_plugin.study.regime import load_regime, regime_from_dict
@@ -75,6 +77,45 @@ def test_the_report_regenerates_from_its_compact_json(tiny, tmp_path):
     write_report(tmp_path / "results.json", tmp_path / "again")
     assert (tmp_path / "again" / "results.md").read_text() == text
     assert analyse(compact(results))["targets"]["beat"] == "sam"
+
+
+def _variant(**changes):
+    data = tomllib.loads((HERE / "tiny_regime.toml").read_text())
+    data["baselines"]["sgd"] = {"optimizer": "sgd", "grid": {"lr": [0.1]}}
+    data["budget"].update(flatness_seeds=1, held_out_baselines=["adam", "sam"])
+    data["candidates"][0]["untrained_is"] = changes.get("untrained_is", "sam")
+    return regime_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory):
+    out = tmp_path_factory.mktemp("variant")
+    return out, run_study(_variant(), out, executor=LocalExecutor(workers=1))
+
+
+def test_an_untrained_self_that_is_a_baseline_is_not_run_again(variant):
+    """SAM is correction(adam)+sam_gradient untrained: its runs are the learned contribution's reference."""
+    _, results = variant
+    assert {r["optimizer"] for r in results["runs"]} == {"adam", "sam", "correction+sam"}
+    assert "sgd" in results["grids"]  # tuned on validation, not run on the held-out test
+    analysis = analyse(compact(results))
+    kinds = {h["reference"]: h["kind"] for h in analysis["hypotheses"]}
+    assert kinds == {"adam": "vs baseline", "sam": "learned contribution"}
+    assert analysis["verdicts"][0]["untrained_reference"] == "sam"
+
+
+def test_flatness_is_measured_on_the_first_seeds_of_each_cluster(variant):
+    _, results = variant
+    e = results["budget"]["eval_seeds"]
+    for r in results["runs"]:
+        index = (r["seed"] - eval_seed(0, 0, e)) % e  # the evaluation index within its cluster
+        assert math.isfinite(r["top_eigenvalue"]) == (index == 0), r
+
+
+def test_an_untrained_is_that_is_another_update_is_refused(variant):
+    out, _ = variant
+    with pytest.raises(ConfigError, match="untrained_is 'adam'.*not the same update"):
+        run_study(_variant(untrained_is="adam"), out, executor=LocalExecutor(workers=1))
 
 
 def test_a_failing_job_is_named_and_the_others_are_kept(tmp_path):

@@ -57,6 +57,12 @@ def test_the_tiny_regime_parses():
     ({"candidates__0__headline": "sometimes"}, "headline"),
     ({"candidates__0__reference": "nothing"}, "reference"),
     ({"targets__beat": "lion"}, "targets.beat"),
+    ({"candidates__0__untrained_is": "lion"}, "untrained_is 'lion' is not a baseline"),
+    ({"candidates__0__untrained_is": 3}, "untrained_is must name a baseline"),
+    ({"budget__held_out_baselines": ["lion"]}, "budget.held_out_baselines: no baseline 'lion'"),
+    ({"budget__held_out_baselines": "adam"}, "budget.held_out_baselines must be a list of strings"),
+    ({"budget__held_out_baselines": ["adam"]}, r"must include \['sam'\]"),
+    ({"budget__flatness_seeds": -1}, "budget.flatness_seeds"),
     ({"name": None}, "missing name"),
 ])
 def test_bad_regimes_name_what_is_wrong(changes, message):
