@@ -139,7 +139,9 @@ class HessianTopEigenvalue:
         seed: Seed of the probe generator (default: drawn from torch's global RNG).
 
     The call returns a 0-dim tensor differentiable in ``params`` (when none of them
-    requires grad, a plain measurement without a graph). ``last_value`` holds the
+    requires grad, a plain measurement without a graph). It takes the host's ``grads``
+    (∇f at ``params`` with its graph) when there is one, instead of computing them.
+    ``last_value`` holds the
     estimate, ``last_residual`` the residual ‖Hv − λv‖ of the vector it is the Rayleigh
     quotient of (from the final HVP, so exact and free: |``last_value`` − λᵢ| ≤
     ``last_residual`` for some eigenvalue λᵢ of H), and ``last_hvps`` the HVPs spent by
@@ -178,12 +180,12 @@ class HessianTopEigenvalue:
         """Forget the warm-start probe (the next call is a cold start)."""
         self._probe = None
 
-    def __call__(self, params: Params, loss_fn: LossFn) -> Tensor:
+    def __call__(self, params: Params, loss_fn: LossFn, *, grads: Sequence[Tensor] | None = None) -> Tensor:
         # Params that require no grad make this a measurement: the final HVP then needs no
         # graph, which halves its cost.
         differentiable = any(p.requires_grad for p in params)
         params = as_graph_params(params)
-        _, grads = gradient(loss_fn, params)
+        grads = gradient(loss_fn, params)[1] if grads is None else list(grads)
         probe = self._probe if self.warm_start else None
         if probe is not None and [p.shape for p in probe] != [p.shape for p in params]:
             probe = None

@@ -9,6 +9,8 @@ learned optimizer.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -75,10 +77,13 @@ class HessianTrace:
     def __repr__(self) -> str:
         return f"HessianTrace(probes={self.probes}, distribution={self.distribution!r})"
 
-    def __call__(self, params: Params, loss_fn: LossFn) -> Tensor:
-        """The trace estimate at ``params``, a 0-dim tensor differentiable in ``params``."""
+    def __call__(self, params: Params, loss_fn: LossFn, *, grads: Sequence[Tensor] | None = None) -> Tensor:
+        """The trace estimate at ``params``, a 0-dim tensor differentiable in ``params``.
+
+        ``grads``: ∇f at ``params`` with its graph, if the host has it (else computed).
+        """
         params = as_graph_params(params)
-        _, grads = gradient(loss_fn, params)
+        grads = gradient(loss_fn, params)[1] if grads is None else list(grads)
         # ``expand`` gives the batched shape without allocating: random_like only reads
         # shape, dtype and device.
         probes = random_like(
