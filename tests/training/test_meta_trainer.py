@@ -220,8 +220,8 @@ def _float64_meta_gradient(task, regularizers, classic):
 
 
 @pytest.mark.parametrize("regularizers", [
-    pytest.param({"hessian_top_eigenvalue": {"weight": 1.0, "seed": 0}}, id="top_eigenvalue_hvp"),
-    pytest.param({"hessian_trace": {"weight": 0.1, "probes": 2, "seed": 0}}, id="trace_hvp"),
+    pytest.param({"hessian_top_eigenvalue": {"weight": 1.0, "products": "hvp", "seed": 0}}, id="top_eigenvalue_hvp"),
+    pytest.param({"hessian_trace": {"weight": 0.1, "probes": 2, "products": "hvp", "seed": 0}}, id="trace_hvp"),
     pytest.param({"sharpness": {"weight": 1.0}}, id="sharpness"),
 ])
 def test_the_hosts_gradient_graph_leaves_the_meta_gradient_as_it_was(task, regularizers):
@@ -236,6 +236,20 @@ def test_the_hosts_gradient_graph_leaves_the_meta_gradient_as_it_was(task, regul
     assert shared_logs["meta_loss"] == pytest.approx(own_logs["meta_loss"], rel=1e-12)
     for a, b in zip(shared, own):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_finite_difference_term_through_the_trainer_matches_the_hvp_term(task):
+    # The same probes and steps; only the final quotient differs (see test_finite_difference).
+    task64 = _Float64(task)
+    exact, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {"weight": 1.0, "products": "hvp",
+                                                                          "seed": 0}}, classic=False)
+    plain, _ = _float64_meta_gradient(task64, {}, classic=False)
+    approx, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {"weight": 1.0, "seed": 0}},
+                                       classic=False)
+    term_exact = torch.cat([(a - b).reshape(-1) for a, b in zip(exact, plain)])
+    term_approx = torch.cat([(a - b).reshape(-1) for a, b in zip(approx, plain)])
+    cosine = float(term_exact @ term_approx / (term_exact.norm() * term_approx.norm()))
+    assert cosine > 0.999
 
 
 def test_the_trainer_hands_its_gradient_graph_over_and_old_plugins_still_run(task):
