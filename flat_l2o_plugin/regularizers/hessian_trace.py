@@ -42,21 +42,24 @@ class HessianTrace:
 
     Two ways to form the products :math:`v_i^\top H v_i`, both batched over the probes:
 
-    ``products="finite_difference"`` (the default)
+    ``products="hvp"`` (the default)
+        All ``m`` Hessian-vector products from one batched backward pass through the
+        gradient graph (``is_grads_batched``), itself kept in the graph: exact to
+        rounding, and backpropagating it is a third-order derivative of the loss, which
+        torch gets wrong for LayerNorm (ViTs) and refuses for BatchNorm.
+    ``products="finite_difference"``
         :math:`\lVert v_i\rVert^2\, u_i^\top(\nabla f(\theta + s u_i) - \nabla f(\theta))/s`
         along the unit :math:`u_i = v_i/\lVert v_i\rVert`
         (:mod:`~flat_l2o_plugin.regularizers.finite_difference`): the loss at the ``m``
         shifted points in one ``vmap``-ed forward pass (a loop when the loss cannot be
         vmapped), their gradients in one backward pass kept in the graph. Its
         derivative needs second derivatives only, so it is right for LayerNorm models
-        and works for BatchNorm ones, where torch's third derivative is wrong or
-        missing. Its error, ~1e-3 relative in float32, is far below Hutchinson's own
-        spread. Half the cost of the HVP form on the conv net
-        (``benchmarks/regularizer_cost.py``).
-    ``products="hvp"``
-        All ``m`` Hessian-vector products from one batched backward pass through the
-        gradient graph (``is_grads_batched``), itself kept in the graph: exact to
-        rounding, and backpropagating it is a third-order derivative of the loss.
+        and works for BatchNorm ones; about half the cost of the HVP form on the conv
+        net. Not the default: along random directions the curvature is small, and on
+        piecewise-linear networks (ReLU, max-pooling) the kinks the step crosses
+        dominate it. On conv-digits no step h brings the meta-gradient within cosine
+        0.99 of the exact one (``benchmarks/regularizer_cost.py``, part 4), where on
+        MLP-digits it is above 0.9999. Use it for LayerNorm and BatchNorm models.
 
     Either way the gradient at θ is the host's when it hands it over (``grads``),
     else computed here (one forward and one backward pass); memory grows linearly in
@@ -73,7 +76,7 @@ class HessianTrace:
         seed: seed of this instance's own ``torch.Generator``; ``None`` draws one from
             torch's global RNG at construction, so ``torch.manual_seed`` makes it
             reproducible. The estimator never draws from the global stream afterwards.
-        products: ``"finite_difference"`` or ``"hvp"`` (above).
+        products: ``"hvp"`` (default) or ``"finite_difference"`` (above).
         fd_step: The relative step h of the finite differences, s = h·(1 + ‖θ‖) (default:
             by the params' dtype, see
             :func:`~flat_l2o_plugin.regularizers.finite_difference.default_relative_step`).
@@ -86,7 +89,7 @@ class HessianTrace:
     """
 
     def __init__(self, probes: int = 8, distribution: str = "rademacher", seed: int | None = None,
-                 products: str = "finite_difference", fd_step: float | None = None, vectorize: bool = True) -> None:
+                 products: str = "hvp", fd_step: float | None = None, vectorize: bool = True) -> None:
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
             raise ConfigError(f"HessianTrace: probes must be a positive integer, got {probes!r}")
         if distribution not in _DISTRIBUTIONS:

@@ -273,11 +273,13 @@ def test_bad_finite_difference_options_are_named(factory, options):
 
 
 @pytest.mark.parametrize("make", [
-    pytest.param(lambda **o: HessianTopEigenvalue(seed=0, **o), id="hessian_top_eigenvalue"),
-    pytest.param(lambda **o: HessianTrace(probes=2, seed=0, **o), id="hessian_trace"),
+    pytest.param(lambda products="finite_difference": HessianTopEigenvalue(seed=0, products=products),
+                 id="hessian_top_eigenvalue"),
+    pytest.param(lambda products="finite_difference": HessianTrace(probes=2, seed=0, products=products),
+                 id="hessian_trace"),
 ])
-def test_the_default_estimators_differentiate_a_batch_norm_model(make):
-    """The default products need no third derivative, so a BatchNorm model meta-trains;
+def test_finite_difference_products_differentiate_a_batch_norm_model(make):
+    """Gradient differences need no third derivative, so a BatchNorm model meta-trains;
     with HVP products torch refuses the derivative."""
     params, loss_fn = _normalized_net(lambda h: F.batch_norm(h, None, None, training=True))
     value = make()(_leaves(params), loss_fn)
@@ -290,17 +292,18 @@ def test_the_default_estimators_differentiate_a_batch_norm_model(make):
         torch.autograd.grad(make(products="hvp")(leaves, loss_fn), leaves)
 
 
-def test_a_default_warm_call_spends_one_product_and_advances_the_probe(tiny_mlp):
-    """The default warm call is one gradient difference: it is the final quotient and,
-    being H·v to first order, the power step that moves the probe on."""
+@pytest.mark.parametrize("options", [{}, {"products": "finite_difference"}], ids=["default", "finite_difference"])
+def test_a_default_warm_call_spends_one_product_and_advances_the_probe(tiny_mlp, options):
+    """A warm call is, by default, the final product alone: it is the quotient and (a
+    gradient difference being H·v to first order) the power step that moves the probe on."""
     params = tiny_mlp.init_params(5)
-    reg = HessianTopEigenvalue(seed=0)
+    reg = HessianTopEigenvalue(seed=0, **options)
     reg(params, tiny_mlp.loss)
     before = [v.clone() for v in reg._probe]
     moved = [p + 1e-3 for p in params]
     reg(moved, tiny_mlp.loss)
     assert reg.last_hvps == 1
-    # The new probe is the normalized difference, close to H(moved)·v / ‖H(moved)·v‖.
+    # The new probe is H(moved)·v / ‖H(moved)·v‖, to first order in the step s.
     leaves = _leaves(moved)
     _, grads = gradient(tiny_mlp.loss, leaves)
     power_step = normalized([h.detach() for h in hvp(grads, leaves, normalized(before), create_graph=False)])

@@ -321,3 +321,13 @@ def test_warm_calls_spend_warm_iters_hvps_and_report_their_residual(hessian_of, 
             assert reg.last_hvps <= warm_iters + 1
             nearest = float((torch.linalg.eigvalsh(hessian) - value).abs().min())
             assert nearest <= reg.last_residual + rounding(hessian)
+
+
+def test_the_default_products_are_exact_hvps(tiny_mlp):
+    # Finite differences need a step no one value of which serves both ReLU conv nets and
+    # ViTs (benchmarks/regularizer_cost.py, part 4), so the default stays exact.
+    params = tiny_mlp.init_params(9)
+    default = HessianTopEigenvalue(seed=0)
+    exact = HessianTopEigenvalue(seed=0, products="hvp")
+    assert float(default(params, tiny_mlp.loss)) == float(exact(params, tiny_mlp.loss))
+    assert default.last_residual == exact.last_residual

@@ -131,3 +131,12 @@ def test_rejects_bad_options(options, named):
     with pytest.raises(ValueError, match=named) as info:
         HessianTrace(**options)
     assert isinstance(info.value, ConfigError)
+
+
+def test_the_default_products_are_exact_hvps(tiny_mlp):
+    # Finite differences lose the meta-gradient's direction on ReLU conv nets
+    # (benchmarks/regularizer_cost.py, part 4), so the trace keeps exact products by default.
+    params = tiny_mlp.init_params(seed=1)
+    default = float(HessianTrace(probes=3, seed=4)(params, tiny_mlp.loss).detach())
+    exact = float(HessianTrace(probes=3, seed=4, products="hvp")(params, tiny_mlp.loss).detach())
+    assert default == exact

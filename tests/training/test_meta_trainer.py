@@ -244,8 +244,8 @@ def test_the_finite_difference_term_through_the_trainer_matches_the_hvp_term(tas
     exact, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {"weight": 1.0, "products": "hvp",
                                                                           "seed": 0}}, classic=False)
     plain, _ = _float64_meta_gradient(task64, {}, classic=False)
-    approx, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {"weight": 1.0, "seed": 0}},
-                                       classic=False)
+    approx, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {
+        "weight": 1.0, "products": "finite_difference", "seed": 0}}, classic=False)
     term_exact = torch.cat([(a - b).reshape(-1) for a, b in zip(exact, plain)])
     term_approx = torch.cat([(a - b).reshape(-1) for a, b in zip(approx, plain)])
     cosine = float(term_exact @ term_approx / (term_exact.norm() * term_approx.norm()))
