@@ -30,6 +30,8 @@ shared machine (configurations are interleaved round-robin and medians reported)
    and its meta-gradient against a reference with BatchNorm written out in primitive ops.
 6. Smoothing local entropy: the spread of its value and gradient with independent and
    with antithetic draws, for the sample counts in part 1.
+7. Where the time goes: the pieces of one unrolled step (the host's forward and
+   gradient, the learned optimizer's step, the term's product and its backward).
 
 Run: ``python benchmarks/regularizer_cost.py [--quick] [--parts 1,4] [--out runs/bench/regularizer_cost.json]``.
 """
@@ -563,6 +565,91 @@ def local_entropy_spread(task_name: str, repeats: int) -> dict[str, dict[str, fl
     return rows
 
 
+# ------------------------------------------------------------------ 7. where the time goes
+
+
+def step_profile(task_name: str, repeats: int) -> dict[str, float]:
+    """Milliseconds of each piece of one unrolled step, plain and with the top-eigenvalue term.
+
+    At an iterate after 20 Adam steps, in the order a meta-iteration runs them: the
+    host's forward and gradient, the learned optimizer's step, the term's product, and
+    the meta-backward through each (what the meta-gradient adds per step). Pieces are
+    interleaved and medians taken, so their ratios are side by side.
+    """
+    task = create_task(task_name)
+    generator = torch.Generator().manual_seed(0)
+    leaves = [p.detach().clone().requires_grad_(True) for p in task.init_params(0)]
+    adam = torch.optim.Adam(leaves, lr=1e-2)
+    for _ in range(20):
+        adam.zero_grad()
+        task.loss(leaves, task.sample_batch(generator)).backward()
+        adam.step()
+    theta = [p.detach() for p in leaves]
+    loss_fn = partial(task.loss, batch=task.sample_batch(generator))
+    optimizer = create_optimizer("rnnprop")
+    state = optimizer.init_state(theta)
+    unit = [torch.randn_like(p) for p in theta]
+    unit = [u / norm(unit) for u in unit]
+
+    def leaf() -> list[torch.Tensor]:
+        return [p.clone().requires_grad_(True) for p in theta]
+
+    def forward() -> None:
+        loss_fn(leaf())
+
+    def plain_gradient() -> None:
+        params = leaf()
+        torch.autograd.grad(loss_fn(params), params)
+
+    def graph_gradient() -> None:
+        params = leaf()
+        torch.autograd.grad(loss_fn(params), params, create_graph=True)
+
+    def optimizer_step() -> None:
+        params = leaf()
+        grads = [g.detach() for g in torch.autograd.grad(loss_fn(params), params)]
+        optimizer.step(params, grads, state)
+
+    def hvp_term(backward: bool) -> Callable[[], None]:
+        def run() -> None:
+            params = leaf()
+            grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
+            value = dot(unit, hvp(grads, params, unit, create_graph=backward))
+            if backward:
+                torch.autograd.grad(value, params)
+        return run
+
+    def fd_term(backward: bool) -> Callable[[], None]:
+        def run() -> None:
+            params = leaf()
+            grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
+            value = gradient_difference(params, loss_fn, grads, unit, step_length(params),
+                                        create_graph=backward).value
+            if backward:
+                torch.autograd.grad(value, params)
+        return run
+
+    pieces = {
+        "forward f(θ)": forward,
+        "forward + gradient (plain, the host's)": plain_gradient,
+        "forward + gradient with its graph": graph_gradient,
+        "forward + gradient + RNNProp step": optimizer_step,
+        "gradient graph + HVP (with graph)": hvp_term(False),
+        "gradient graph + HVP + backward of vᵀHv (3rd order)": hvp_term(True),
+        "gradient graph + FD product (with graph)": fd_term(False),
+        "gradient graph + FD product + its backward (2nd order)": fd_term(True),
+    }
+    for fn in pieces.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for _ in range(repeats):
+        for name, fn in pieces.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -581,11 +668,23 @@ def _print_agreement(task_name: str, result: dict[str, Any]) -> None:
         print(f"     {name:<44} fails: {error}")
 
 
+def _per_task(results: dict[str, Any], key: str, measure: Callable[[str], dict[str, Any]],
+              line: Callable[[str, Any], str]) -> None:
+    """Run ``measure`` on both digits tasks, store its rows under ``key`` and print them."""
+    results[key] = {}
+    for task_name in ("mlp_digits", "conv_digits"):
+        rows = measure(task_name)
+        results[key][task_name] = rows
+        print(f"   {task_name}")
+        for name, row in rows.items():
+            print(f"     {line(name, row)}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke-test budget; numbers mean little")
     parser.add_argument("--out", default="runs/bench/regularizer_cost.json")
-    parser.add_argument("--parts", default="1,2,3,4,5,6", help="which measurements to run, e.g. 1,4")
+    parser.add_argument("--parts", default="1,2,3,4,5,6,7", help="which measurements to run, e.g. 1,4")
     parser.add_argument("--langevin", action="store_true", help="add the Langevin local entropy to part 1 (slow)")
     args = parser.parse_args(argv)
     parts = {int(p) for p in args.parts.split(",")}
@@ -671,14 +770,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _print_agreement("timm test_resnet", result["agreement"])
     if 6 in parts:
         print("\n6. Smoothing local entropy (γ = 100): spread over repeated calls, independent vs antithetic draws")
-        results["local_entropy_spread"] = {}
-        for task_name in ("mlp_digits", "conv_digits"):
-            rows = local_entropy_spread(task_name, 5 if args.quick else 40)
-            results["local_entropy_spread"][task_name] = rows
-            print(f"   {task_name}")
-            for name, row in rows.items():
-                print(f"     {name:<40} value std {row['value_std']:8.2e}   gradient relative spread "
-                      f"{row['grad_rel_spread']:.3f}")
+        _per_task(results, "local_entropy_spread", partial(local_entropy_spread, repeats=5 if args.quick else 40),
+                  lambda name, row: f"{name:<40} value std {row['value_std']:8.2e}   gradient relative spread "
+                                    f"{row['grad_rel_spread']:.3f}")
+    if 7 in parts:
+        print("\n7. Where the time goes: one unrolled step's pieces, ms (medians of interleaved repeats)")
+        _per_task(results, "step_profile", partial(step_profile, repeats=5 if args.quick else 40),
+                  lambda name, ms: f"{name:<56} {ms:8.2f} ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
