@@ -41,6 +41,16 @@ def accepted_host_values(regularizer: Any) -> frozenset[str]:
     return frozenset(v for v in HOST_VALUES if v in named)
 
 
+def _gradient_of(params: Params, grads: Sequence[Tensor | None] | None) -> list[Tensor] | None:
+    """The host's ``grads`` as one tensor per parameter; ``None`` entries (``allow_unused``) are zeros."""
+    if grads is None:
+        return None
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ConfigError(f"grads: the host handed {len(grads)} gradient tensors for {len(params)} params")
+    return [p.new_zeros(p.shape) if g is None else g for g, p in zip(grads, params)]
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When a regularizer takes part in the meta-loss, along one optimizee trajectory.
@@ -153,7 +163,7 @@ class ActiveRegularizer:
         shareable = is_host_evaluation(loss_fn)
         # Every evaluation inside the estimator sees the same dropout masks (see _random_state).
         loss_fn = fixed_random_state(loss_fn, params)
-        given = {"loss": loss, "grads": None if grads is None else list(grads)} if shareable else {}
+        given = {"loss": loss, "grads": _gradient_of(params, grads)} if shareable else {}
         extra = {k: v for k, v in given.items() if k in self.accepts and v is not None}
         try:
             raw = self.regularizer(params, loss_fn, **extra)

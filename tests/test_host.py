@@ -149,3 +149,18 @@ def test_wants_gradient_asks_for_due_regularizers_that_name_grads():
                    plugin_manager=isolated_plugin_manager(good_plugin)).wants_gradient(4) is False
     for estimator in (HessianTopEigenvalue, HessianTrace, Sharpness):
         assert "grads" in accepted_host_values(estimator())
+
+
+def test_a_hosts_gradient_with_unused_params_or_the_wrong_length():
+    from flat_l2o_plugin.errors import ConfigError
+
+    flat = _host_values_facade()
+    params = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    loss, loss_fn = flat.evaluate_loss(lambda ps: (ps[0] ** 2).sum(), params)  # ps[1] unused
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    assert grads[1] is None
+    flat.flatness_terms(params, loss_fn, 0, loss=loss, grads=grads)
+    (handed,) = flat.active["sees_grads"].regularizer.seen
+    assert handed[0] is grads[0] and torch.equal(handed[1], torch.zeros(2))
+    with pytest.raises(ConfigError, match="grads: the host handed 1 gradient tensors for 2 params"):
+        flat.flatness_terms(params, loss_fn, 0, loss=loss, grads=grads[:1])
