@@ -261,6 +261,24 @@ def _takes_generator(init_state: Callable[..., Any]) -> bool:
         return False
 
 
+def _gradient_graph(flat: FlatL2O, params: list[Tensor], loss: Tensor, step: int,
+                    schedule: Mapping[str, Any]) -> tuple[Tensor, ...] | None:
+    """∇f(θ_t) with its graph when a due regularizer takes the host's ``grads``, else ``None``."""
+    if not flat.wants_gradient(step, loss=loss, **schedule):
+        return None
+    return torch.autograd.grad(loss, params, create_graph=True)
+
+
+def _step_gradient(params: list[Tensor], loss: Tensor, extra: Tensor | None,
+                   graph: Sequence[Tensor] | None) -> list[Tensor]:
+    """The detached gradient fed to the learned optimizer: of the loss, plus ``extra`` if any."""
+    if extra is None and graph is not None:
+        # The gradient graph built for the regularizers is also this step's gradient.
+        return [g.detach() for g in graph]
+    objective = loss if extra is None else loss + extra
+    return [g.detach() for g in torch.autograd.grad(objective, params, retain_graph=True)]
+
+
 def _heldout_loss(traj: Trajectory, params: list[Tensor]) -> Tensor:
     """The loss at ``params`` on a batch of the task's held-out training data (``meta_objective="heldout"``)."""
     sample = getattr(traj.task, "sample_heldout_batch", None)
@@ -373,19 +391,12 @@ class MetaTrainer:
         graph_grads = None
         for _ in range(cfg.unroll):
             extra = flat.optimizee_penalty(params, loss_fn, traj.step, loss=loss, grads=graph_grads, **schedule)
-            if extra is None and graph_grads is not None:
-                # The gradient graph built for the regularizers is also this step's gradient.
-                grads = [g.detach() for g in graph_grads]
-            else:
-                objective = loss if extra is None else loss + extra
-                grads = [g.detach() for g in torch.autograd.grad(objective, params, retain_graph=True)]
+            grads = _step_gradient(params, loss, extra, graph_grads)
             params, state = host_step(self.optimizer, params, grads, state, loss_fn=loss_fn)
             traj.step += 1
             loss, loss_fn = flat.evaluate_loss(
                 partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator)), params)
-            graph_grads = None
-            if flat.wants_gradient(traj.step, loss=loss, **schedule):
-                graph_grads = torch.autograd.grad(loss, params, create_graph=True)
+            graph_grads = _gradient_graph(flat, params, loss, traj.step, schedule)
             step_total = loss if not heldout else _heldout_loss(traj, params)
             terms = flat.flatness_terms(params, loss_fn, traj.step, optimizer=self.optimizer,
                                         loss=loss, grads=graph_grads, **schedule)
