@@ -8,17 +8,47 @@ configuration.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor
 
-from ._random_state import fixed_random_state
+from ._random_state import fixed_random_state, is_host_evaluation
 from .errors import ConfigError, FlatL2OError, PluginHookError
 from .protocols import LossFn, Params, Regularizer
 
-__all__ = ["ACTIVATION_KEYS", "ActiveRegularizer", "Schedule", "is_finite_number"]
+__all__ = ["ACTIVATION_KEYS", "HOST_VALUES", "ActiveRegularizer", "Schedule", "accepted_host_values",
+           "is_finite_number"]
+
+HOST_VALUES = ("loss", "grads")
+"""What a host may hand a regularizer at the iterate, as keyword arguments it names."""
+
+
+def accepted_host_values(regularizer: Any) -> frozenset[str]:
+    """Which of :data:`HOST_VALUES` ``regularizer`` takes, by the names in its call signature.
+
+    A regularizer written as ``reg(params, loss_fn)`` takes none and is called exactly so.
+    Only parameters with these names count: ``**kwargs`` does not, so that a regularizer
+    forwarding its keywords elsewhere never receives what it did not ask for.
+    """
+    try:
+        parameters = inspect.signature(regularizer).parameters
+    except (TypeError, ValueError):  # builtins and C callables: call them the classic way
+        return frozenset()
+    named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(v for v in HOST_VALUES if v in named)
+
+
+def _gradient_of(params: Params, grads: Sequence[Tensor | None] | None) -> list[Tensor] | None:
+    """The host's ``grads`` as one tensor per parameter; ``None`` entries (``allow_unused``) are zeros."""
+    if grads is None:
+        return None
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ConfigError(f"grads: the host handed {len(grads)} gradient tensors for {len(params)} params")
+    return [p.new_zeros(p.shape) if g is None else g for g, p in zip(grads, params)]
 
 
 @dataclass(frozen=True)
@@ -108,15 +138,35 @@ class ActiveRegularizer:
         self.scale_momentum = scale_momentum
         self._scale: float | None = None
         self.last_raw: float | None = None
+        self.accepts = accepted_host_values(regularizer)
 
     def due(self, step: int, **trajectory: Any) -> bool:
         return self.weight != 0.0 and self.schedule.due(step, **trajectory)
 
-    def __call__(self, params: Params, loss_fn: LossFn, loss: Tensor | None = None) -> Tensor:
+    @property
+    def wants_gradient(self) -> bool:
+        """The regularizer takes the host's gradient graph (``grads``) when there is one."""
+        return "grads" in self.accepts
+
+    def __call__(self, params: Params, loss_fn: LossFn, loss: Tensor | None = None,
+                 grads: Sequence[Tensor] | None = None) -> Tensor:
+        """The weighted term at ``params``.
+
+        ``loss`` and ``grads`` are what the host has at this iterate (see the
+        ``flatness_terms`` hook): the regularizer receives those its signature names and
+        that are not ``None``, provided ``loss_fn`` comes from the host's own evaluation
+        (:func:`~flat_l2o_plugin.FlatL2O.evaluate_loss`). Otherwise nothing says they are
+        of the function ``loss_fn`` evaluates (a model with dropout draws new masks at
+        each plain call), and the regularizer computes its own; ``loss`` then only serves
+        the ``scale_free`` weighting.
+        """
+        shareable = is_host_evaluation(loss_fn)
         # Every evaluation inside the estimator sees the same dropout masks (see _random_state).
         loss_fn = fixed_random_state(loss_fn, params)
+        given = {"loss": loss, "grads": _gradient_of(params, grads)} if shareable else {}
+        extra = {k: v for k, v in given.items() if k in self.accepts and v is not None}
         try:
-            raw = self.regularizer(params, loss_fn)
+            raw = self.regularizer(params, loss_fn, **extra)
         except FlatL2OError:
             raise
         except Exception as exc:

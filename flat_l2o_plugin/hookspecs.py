@@ -24,7 +24,7 @@ facade :class:`flat_l2o_plugin.FlatL2O`, never through ``pm.hook`` directly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, MutableMapping, Sequence
 
 import pluggy
 
@@ -64,6 +64,28 @@ def register_regularizers(register: Callable[[RegularizerInfo], None]) -> None:
             ``params`` (so that a meta-gradient reaches the learned optimizer through
             the iterates). A regularizer may keep state across calls (a warm-started
             probe) and may expose ``last_value`` for logging.
+
+            What the host already has at the iterate reaches a regularizer that asks for
+            it, by naming it as a parameter of its call (``**kwargs`` does not ask);
+            each is passed when the host has it, by keyword, and left out otherwise, so
+            a regularizer must still work without it::
+
+                def __call__(self, params, loss_fn, *, loss=None, grads=None): ...
+
+            * ``loss``: ``loss_fn(params)`` as the host computed it, in the graph of
+              ``params`` (it may be differentiated, and is also in the meta-loss).
+            * ``grads``: ∇ ``loss`` with respect to ``params``, built with
+              ``create_graph=True``: Hessian-vector products and their derivatives
+              work on it. The reference host builds it only when a due regularizer
+              asks (:meth:`FlatL2O.wants_gradient`), and reuses it, detached, as the
+              gradient of its next step, so a regularizer that takes it saves a forward
+              and a backward pass per call.
+
+            They are passed only when the host evaluated its loss through
+            :meth:`FlatL2O.evaluate_loss`, whose ``loss_fn`` replays that evaluation's
+            random state: they are then of the very function ``loss_fn`` evaluates
+            (the same dropout masks). A regularizer written as ``reg(params, loss_fn)``
+            gets neither and runs as it always did.
 
     A name registered twice, by the same or different plugins, raises
     :class:`~flat_l2o_plugin.errors.DuplicateComponentError` naming both plugins.
@@ -120,6 +142,7 @@ def flatness_terms(
     loss: Tensor | None,
     horizon: int | None,
     initial_loss: float | None,
+    grads: Sequence[Tensor] | None,
 ) -> Mapping[str, Tensor] | None:
     """Return named, already-weighted penalty terms for the meta-loss at one iterate.
 
@@ -135,21 +158,32 @@ def flatness_terms(
             keep them in the graph so the term's gradient reaches φ.
         loss_fn: ``loss_fn(params)`` returns the scalar mini-batch loss at ``params``
             (the same batch the host uses for the meta-loss at this step). Every call
-            replays one random state, fixed when the facade was asked for the terms, so
-            a model in train mode draws the same dropout masks at each evaluation, and
-            the evaluations leave the host's random stream as it was.
+            replays one random state, so a model in train mode draws the same dropout
+            masks at each evaluation, and the evaluations leave the host's random stream
+            as it was: the state of the host's own evaluation when the host got
+            ``loss_fn`` from :meth:`FlatL2O.evaluate_loss`, else the state when the
+            facade was asked for the terms.
         step: The step index t within the optimizee's trajectory (0-based, counted from
             the optimizee's initialisation, not from the start of the unroll).
         optimizer: The learned optimizer being meta-trained (may be ``None``).
         active: The regularizers the configuration activated **and** whose schedule is
             due at this step, by name. Each is an
             :class:`~flat_l2o_plugin.activation.ActiveRegularizer`; ``active[name](params,
-            loss_fn, loss)`` returns its weighted term. An implementation computing its
-            own terms must return them only when its configuration activated them.
+            loss_fn, loss, grads)`` returns its weighted term. An implementation
+            computing its own terms must return them only when its configuration
+            activated them.
         loss: The mini-batch loss at ``params`` if the host already computed it, else
-            ``None``.
+            ``None``, in the graph of ``params``. It is of the very function ``loss_fn``
+            evaluates (the same random state) when the host got both from
+            :meth:`FlatL2O.evaluate_loss`; otherwise use it for schedules only.
         horizon: The trajectory length T, if the host knows it (θ_T is the last iterate).
         initial_loss: f(θ_0) of this trajectory, if the host knows it.
+        grads: ∇ ``loss`` with respect to ``params``, built with ``create_graph=True``
+            (so in the graph of ``params``, and of φ through them), if the host built
+            it from a loss it got from :meth:`FlatL2O.evaluate_loss`, else ``None``. A
+            host builds it when a due regularizer asks for it
+            (:meth:`FlatL2O.wants_gradient`); an implementation that needs the gradient
+            graph and gets ``None`` computes its own.
 
     Returns:
         A mapping from term name to a 0-dim tensor, or ``None`` for no terms.

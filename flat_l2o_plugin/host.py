@@ -10,6 +10,16 @@ meta-loss, and reports the end of each unroll::
     ...
     flat.after_unroll(step=k, meta_loss=meta_loss, logs=logs)
 
+A host that has the loss at the iterate, and can build its gradient graph, hands both
+over so that no regularizer repeats that forward and backward pass (the gradient also
+serves the host's next step)::
+
+    loss, loss_fn = flat.evaluate_loss(loss_fn, params)
+    grads = None
+    if flat.wants_gradient(t, loss=loss, horizon=T):
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    meta_loss = meta_loss + flat.penalty(params, loss_fn, step=t, loss=loss, grads=grads, horizon=T)
+
 The weight, the schedule and the weighting of each regularizer live here, in the
 activation config, not in the estimator.
 """
@@ -22,7 +32,7 @@ from typing import Any, Mapping, MutableMapping
 import torch
 from torch import Tensor
 
-from ._random_state import fixed_random_state
+from ._random_state import evaluate_replayable, fixed_random_state, is_host_evaluation
 from .activation import ACTIVATION_KEYS, ActiveRegularizer, Schedule, is_finite_number
 from .errors import ConfigError, DuplicateComponentError, FlatL2OError, PluginHookError
 from .hookspecs import hookimpl
@@ -46,8 +56,8 @@ class _ActiveRegularizersPlugin:
 
     @hookimpl
     def flatness_terms(self, params: Params, loss_fn: LossFn, active: Mapping[str, ActiveRegularizer],
-                       loss: Tensor | None) -> dict[str, Tensor]:
-        return {name: act(params, loss_fn, loss) for name, act in active.items()}
+                       loss: Tensor | None, grads: Params | None) -> dict[str, Tensor]:
+        return {name: act(params, loss_fn, loss, grads) for name, act in active.items()}
 
 
 class FlatL2O:
@@ -134,7 +144,7 @@ class FlatL2O:
 
     def flatness_terms(self, params: Params, loss_fn: LossFn, step: int, *, optimizer: Any = None,
                        loss: Tensor | None = None, horizon: int | None = None,
-                       initial_loss: float | None = None) -> dict[str, Tensor]:
+                       initial_loss: float | None = None, grads: Params | None = None) -> dict[str, Tensor]:
         """Named, weighted meta-loss terms at the iterate ``params`` (trajectory step ``step``).
 
         Calls the ``flatness_terms`` hook of every plugin, one at a time so that an
@@ -143,8 +153,28 @@ class FlatL2O:
         Plugins and regularizers get a ``loss_fn`` that replays the random state of this
         call on every evaluation, so a model in train mode shows them one function (the
         same dropout masks) and their evaluations leave the host's random stream as it was.
+        A ``loss_fn`` from :meth:`evaluate_loss` is passed as it is: it replays the state
+        of the host's own evaluation, whose ``loss`` and ``grads`` the regularizers may
+        then use. With any other ``loss_fn``, ``grads`` is dropped and ``loss`` serves
+        schedules and weighting only.
+
+        Args:
+            params: The iterate θ_t.
+            loss_fn: The mini-batch loss at any params.
+            step: t.
+            optimizer: The learned optimizer being meta-trained.
+            loss: f(θ_t) as the host computed it, in the graph of ``params``.
+            horizon: The trajectory length T.
+            initial_loss: f(θ_0) of this trajectory.
+            grads: ∇f(θ_t), built from ``loss`` with ``create_graph=True``, if the host has
+                it (see :meth:`wants_gradient`) and got ``loss`` and ``loss_fn`` from
+                :meth:`evaluate_loss`: regularizers that take it skip their own forward
+                and backward pass.
         """
         active = self.due(step, horizon=horizon, loss=loss, initial_loss=initial_loss)
+        if not is_host_evaluation(loss_fn):
+            # Nothing ties the gradient to the function the plugins will evaluate.
+            grads = None
         # One random state for every plugin's evaluations at this iterate, hook plugins included.
         loss_fn = fixed_random_state(loss_fn, params)
         terms: dict[str, Tensor] = {}
@@ -154,7 +184,8 @@ class FlatL2O:
                 continue
             try:
                 results = caller(params=params, loss_fn=loss_fn, step=step, optimizer=optimizer,
-                                 active=active, loss=loss, horizon=horizon, initial_loss=initial_loss)
+                                 active=active, loss=loss, horizon=horizon, initial_loss=initial_loss,
+                                 grads=grads)
             except PluginHookError as exc:
                 raise PluginHookError(f"{exc} (hook flatness_terms, optimizee step {step})") from exc.__cause__
             except FlatL2OError:
@@ -182,19 +213,46 @@ class FlatL2O:
         return torch.stack(list(terms.values())).sum()
 
     def optimizee_penalty(self, params: Params, loss_fn: LossFn, step: int, *, loss: Tensor | None = None,
-                          horizon: int | None = None, initial_loss: float | None = None) -> Tensor | None:
+                          horizon: int | None = None, initial_loss: float | None = None,
+                          grads: Params | None = None) -> Tensor | None:
         """The summed terms of regularizers in ``mode="optimizee_loss"``, or ``None``.
 
         The host adds this to the optimizee's loss before taking the gradient it feeds to
-        the learned optimizer.
+        the learned optimizer. ``loss`` and ``grads`` as for :meth:`flatness_terms`.
         """
         due = self.due(step, mode="optimizee_loss", horizon=horizon, loss=loss, initial_loss=initial_loss)
         if not due:
             return None
         try:
-            return torch.stack([act(params, loss_fn, loss) for act in due.values()]).sum()
+            return torch.stack([act(params, loss_fn, loss, grads) for act in due.values()]).sum()
         except PluginHookError as exc:
             raise PluginHookError(f"{exc} (optimizee loss, optimizee step {step})") from exc.__cause__
+
+    def wants_gradient(self, step: int, *, mode: str = "meta_loss", horizon: int | None = None,
+                       loss: Tensor | float | None = None, initial_loss: float | None = None) -> bool:
+        """Whether a regularizer due at ``step`` takes the host's gradient graph (``grads``).
+
+        Every regularizer this facade evaluates counts, its own and those wrappers attached
+        to it (:meth:`evaluated`). When true, a host that builds ``grads =
+        torch.autograd.grad(loss, params, create_graph=True)`` and passes it saves those
+        regularizers a forward and a backward pass each, and can use ``grads`` (detached)
+        as its own next gradient.
+        """
+        loss_value = float(loss.detach()) if isinstance(loss, Tensor) else loss
+        return any(a.mode == mode and a.wants_gradient
+                   and a.due(step, horizon=horizon, loss=loss_value, initial_loss=initial_loss)
+                   for a in self.evaluated().values())
+
+    @staticmethod
+    def evaluate_loss(loss_fn: LossFn, params: Params) -> tuple[Tensor, LossFn]:
+        """The host's loss at ``params``, and a ``loss_fn`` replaying the random state it used.
+
+        The evaluation advances the host's random stream as ``loss_fn(params)`` would.
+        Pass the returned ``loss_fn`` with ``loss`` (and a gradient built from it) to
+        :meth:`flatness_terms`: the regularizers then see the very function the host's
+        loss came from (the same dropout masks), so they can use what the host computed.
+        """
+        return evaluate_replayable(loss_fn, params)
 
     def after_unroll(self, step: int, meta_loss: Tensor, logs: MutableMapping[str, Any]) -> None:
         """Report the end of an unroll to every observer plugin."""

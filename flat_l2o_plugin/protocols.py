@@ -24,7 +24,12 @@ LossFn = Callable[[Params], Tensor]
 
 @runtime_checkable
 class Regularizer(Protocol):
-    """``reg(params, loss_fn)`` returns a scalar differentiable with respect to ``params``."""
+    """``reg(params, loss_fn)`` returns a scalar differentiable with respect to ``params``.
+
+    A regularizer may also name ``loss`` and ``grads`` among its keyword parameters to
+    receive what the host already has at the iterate (see the ``register_regularizers``
+    hook); it is called without them when the host has none.
+    """
 
     def __call__(self, params: Params, loss_fn: LossFn) -> Tensor: ...
 

@@ -62,10 +62,10 @@ class Recorder:
         self.calls["register_tasks"].append({"register": register})
 
     @hookimpl
-    def flatness_terms(self, params, loss_fn, step, optimizer, active, loss, horizon, initial_loss):
+    def flatness_terms(self, params, loss_fn, step, optimizer, active, loss, horizon, initial_loss, grads):
         self.calls["flatness_terms"].append(dict(params=params, loss_fn=loss_fn, step=step,
                                                  optimizer=optimizer, active=active, loss=loss,
-                                                 horizon=horizon, initial_loss=initial_loss))
+                                                 horizon=horizon, initial_loss=initial_loss, grads=grads))
 
     @hookimpl
     def after_unroll(self, step, meta_loss, logs):
@@ -172,6 +172,23 @@ def test_flatness_terms_receives_the_documented_arguments(recorder):
     assert call["horizon"] == 20 and call["initial_loss"] == 2.5
     assert list(call["active"]) == ["recorded_norm"]
     assert call["active"]["recorded_norm"] is flat.active["recorded_norm"]
+    assert call["grads"] is None
+
+
+def test_flatness_terms_hands_over_the_gradient_of_the_hosts_own_evaluation(recorder):
+    rec, pm = recorder
+    params, plain_loss_fn = quadratic_problem()
+    flat = FlatL2O({"recorded_norm": {"weight": 0.5}}, plugin_manager=pm)
+    loss, loss_fn = flat.evaluate_loss(plain_loss_fn, params)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+
+    flat.flatness_terms(params, loss_fn, 3, loss=loss, grads=grads)
+    # A loss_fn the host did not get from evaluate_loss says nothing about its gradient.
+    flat.flatness_terms(params, plain_loss_fn, 3, loss=loss, grads=grads)
+
+    handed, withheld = rec.calls["flatness_terms"]
+    assert handed["grads"] is grads and handed["loss_fn"] is loss_fn and handed["loss"] is loss
+    assert withheld["grads"] is None and withheld["loss"] is loss
 
 
 def test_flatness_terms_passes_none_for_what_the_host_does_not_have(recorder):

@@ -1,4 +1,5 @@
-"""The host facade hands regularizers one function: the same random state on every loss evaluation."""
+"""The host facade hands regularizers one function (the same random state on every loss
+evaluation), and what the host already computed at the iterate when they ask for it."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+import good_plugin
+import host_values_plugin
 import repeated_loss_plugin
 from flat_l2o_plugin import FlatL2O
+from flat_l2o_plugin.activation import accepted_host_values
 from flat_l2o_plugin.testing import isolated_plugin_manager
 
 
@@ -81,3 +85,82 @@ def test_the_cuda_random_state_is_replayed_too():
     flat = FlatL2O({"repeated_loss": {"weight": 1.0}}, plugin_manager=isolated_plugin_manager(repeated_loss_plugin))
     flat.flatness_terms([p.detach().requires_grad_(True) for p in body.parameters()], loss_fn, 0)
     assert _same(flat.active["repeated_loss"].regularizer.seen[0])
+
+
+# ----------------------------------------------------------------- what the host hands over
+
+
+def _host_values_facade(**extra):
+    config = {name: {"weight": 1.0} for name in ("sees_loss", "sees_grads", "takes_keywords", "l2_norm")}
+    return FlatL2O({**config, **extra}, plugin_manager=isolated_plugin_manager(host_values_plugin, good_plugin))
+
+
+def test_regularizers_get_the_hosts_loss_and_gradient_when_they_name_them(model):
+    flat = _host_values_facade()
+    params = model.params()
+    loss, loss_fn = flat.evaluate_loss(model.loss_fn, params)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    terms = flat.flatness_terms(params, loss_fn, 0, loss=loss, grads=grads)
+    assert set(terms) == {"sees_loss", "sees_grads", "takes_keywords", "l2_norm"}
+    ((given, again),) = flat.active["sees_loss"].regularizer.seen
+    # The very tensor, and of the function the regularizer evaluates: the same dropout mask.
+    assert given is loss and again == float(loss.detach())
+    (handed,) = flat.active["sees_grads"].regularizer.seen
+    assert len(handed) == len(grads) and all(a is b for a, b in zip(handed, grads))
+    assert flat.active["takes_keywords"].regularizer.seen == [{}]
+    # A plugin written as reg(params, loss_fn) runs as before.
+    assert flat.active["l2_norm"].regularizer.calls == 1
+
+
+def test_nothing_is_handed_over_without_the_hosts_own_evaluation(model):
+    flat = _host_values_facade()
+    params = model.params()
+    loss = model.loss_fn(params)  # a plain call: its dropout mask is not the one replayed below
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    flat.flatness_terms(params, model.loss_fn, 0, loss=loss, grads=grads)
+    assert flat.active["sees_loss"].regularizer.seen[0][0] is None
+    assert flat.active["sees_grads"].regularizer.seen == [None]
+
+
+def test_evaluate_loss_advances_the_random_stream_as_a_plain_call_does(model):
+    params = model.params()
+    start = torch.get_rng_state()
+    plain = float(model.loss_fn(params).detach())
+    after_plain = torch.get_rng_state()
+    torch.set_rng_state(start)
+    loss, loss_fn = FlatL2O.evaluate_loss(model.loss_fn, params)
+    assert float(loss.detach()) == plain
+    assert torch.equal(torch.get_rng_state(), after_plain)
+    # The returned function replays that evaluation, and leaves the stream where it is.
+    assert [float(loss_fn(params).detach()) for _ in range(2)] == [plain, plain]
+    assert torch.equal(torch.get_rng_state(), after_plain)
+
+
+def test_wants_gradient_asks_for_due_regularizers_that_name_grads():
+    from flat_l2o_plugin.regularizers import HessianTopEigenvalue, HessianTrace, Sharpness
+
+    assert FlatL2O().wants_gradient(5) is False
+    assert _host_values_facade().wants_gradient(5) is True
+    flat = FlatL2O({"sees_grads": {"weight": 1.0, "warmup": 3}, "l2_norm": {"weight": 1.0}},
+                   plugin_manager=isolated_plugin_manager(host_values_plugin, good_plugin))
+    assert flat.wants_gradient(2) is False and flat.wants_gradient(4) is True
+    assert flat.wants_gradient(4, mode="optimizee_loss") is False
+    assert FlatL2O({"l2_norm": {"weight": 1.0}},
+                   plugin_manager=isolated_plugin_manager(good_plugin)).wants_gradient(4) is False
+    for estimator in (HessianTopEigenvalue, HessianTrace, Sharpness):
+        assert "grads" in accepted_host_values(estimator())
+
+
+def test_a_hosts_gradient_with_unused_params_or_the_wrong_length():
+    from flat_l2o_plugin.errors import ConfigError
+
+    flat = _host_values_facade()
+    params = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    loss, loss_fn = flat.evaluate_loss(lambda ps: (ps[0] ** 2).sum(), params)  # ps[1] unused
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    assert grads[1] is None
+    flat.flatness_terms(params, loss_fn, 0, loss=loss, grads=grads)
+    (handed,) = flat.active["sees_grads"].regularizer.seen
+    assert handed[0] is grads[0] and torch.equal(handed[1], torch.zeros(2))
+    with pytest.raises(ConfigError, match="grads: the host handed 1 gradient tensors for 2 params"):
+        flat.flatness_terms(params, loss_fn, 0, loss=loss, grads=grads[:1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +35,8 @@ class Sharpness:
     built: the result's gradient is :math:`\nabla f(\theta + \rho\hat g) - \nabla
     f(\theta)`, through both loss evaluations. Cost per call: two forward passes and
     one backward pass (for :math:`\hat g`), plus the caller's backward through both
-    forwards.
+    forwards. A host that hands over its ``loss`` at θ (and ``grads``) leaves one
+    forward pass (at θ + ρĝ).
 
     Reference: Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
     Efficiently Improving Generalization", ICLR 2021.
@@ -60,14 +62,21 @@ class Sharpness:
     def __repr__(self) -> str:
         return f"Sharpness(rho={self.rho})"
 
-    def __call__(self, params: Params, loss_fn: LossFn) -> Tensor:
-        """The sharpness at ``params``, a 0-dim tensor differentiable in ``params``."""
+    def __call__(self, params: Params, loss_fn: LossFn, *, loss: Tensor | None = None,
+                 grads: Sequence[Tensor] | None = None) -> Tensor:
+        """The sharpness at ``params``, a 0-dim tensor differentiable in ``params``.
+
+        ``loss`` (f at ``params``, in their graph) and ``grads`` (its gradient) are the
+        host's, when it has them; otherwise they are computed here.
+        """
         params = as_graph_params(params)
-        loss = loss_fn(params)
+        if loss is None:
+            loss = loss_fn(params)
         if loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar, got a tensor of shape {tuple(loss.shape)}")
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        if grads is None:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
         # A zero gradient gives a zero direction (see normalized) and zero sharpness.
         direction = normalized(grads)
         perturbed_loss = loss_fn(axpy(self.rho, direction, params))

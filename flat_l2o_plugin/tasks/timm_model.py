@@ -20,10 +20,14 @@ deterministically. Batches of one example are not supported by BatchNorm models.
 Other buffers (position indices, fixed masks) are constants and are left in place.
 
 Third-order derivatives. The meta-gradient of a Hessian-based term (the top eigenvalue,
-the trace) differentiates an HVP once more, and torch's ``batch_norm`` has no
-third-order derivative: with BatchNorm models (ResNets) use first-order flatness terms
-(``sharpness``, ``local_entropy``) or models normalized otherwise (ViTs, LayerNorm or
-GroupNorm nets). The failure is torch's own ``RuntimeError`` at the meta-backward.
+the trace) with its default HVP products differentiates an HVP once more. torch's
+``batch_norm`` refuses that third derivative (a ``RuntimeError`` at the meta-backward),
+and ``layer_norm``'s is silently wrong (pytorch/pytorch#175754: the saved statistics are
+treated as constants), which corrupts the meta-gradient of ViTs. For BatchNorm and
+LayerNorm models pass ``products="finite_difference"`` to the curvature terms (their
+meta-gradient then needs second derivatives only; see
+:mod:`flat_l2o_plugin.regularizers.finite_difference` for the step) or use first-order
+terms (``sharpness``, ``local_entropy``).
 
 Attention. timm's fused attention calls ``scaled_dot_product_attention``, whose CPU
 kernels have no double backward, and every curvature regularizer differentiates the

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..activation import accepted_host_values
 from ..manager import FlatL2OPluginManager
 
 __all__ = ["check_regularizer", "tiny_problem"]
@@ -37,7 +38,9 @@ def check_regularizer(name_or_factory: str | Callable[..., Any], *, options: dic
     is differentiable in ``params`` with a finite, non-zero gradient; the gradient also
     reaches weights upstream of the params (as the learned optimizer's weights are in
     meta-training); and two instances built after the same ``torch.manual_seed`` give the
-    same value.
+    same value. A regularizer that names ``loss`` or ``grads`` must give, in float64, the
+    same value and gradient when the host hands them over as when it computes its own
+    (up to the order in which the gradient sums the same terms).
 
     Args:
         name_or_factory: A registered name, or the factory itself.
@@ -86,3 +89,32 @@ def check_regularizer(name_or_factory: str | Callable[..., Any], *, options: dic
         torch.manual_seed(1)
         second = float(make()([p.clone().requires_grad_(True) for p in params], loss_fn).detach())
         assert first == second, f"{where}: not deterministic under torch.manual_seed ({first} != {second})"
+
+        if dtype == torch.float64:
+            _check_host_values(make, params, loss_fn, where)
+
+
+def _check_host_values(make: Callable[[], Any], params: list[Tensor], loss_fn: Callable, where: str) -> None:
+    """The host's loss and gradient graph, handed over, change nothing but the cost."""
+    torch.manual_seed(2)
+    reg = make()
+    accepts = accepted_host_values(reg)
+    if not accepts:
+        return
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    own = reg(leaves, loss_fn)
+    own_grad = torch.autograd.grad(own, leaves, allow_unused=True)
+    torch.manual_seed(2)
+    reg = make()
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    loss = loss_fn(leaves)
+    host = {"loss": loss, "grads": list(torch.autograd.grad(loss, leaves, create_graph=True))}
+    given = reg(leaves, loss_fn, **{k: v for k, v in host.items() if k in accepts})
+    given_grad = torch.autograd.grad(given, leaves, allow_unused=True)
+    assert torch.allclose(given.detach(), own.detach(), rtol=1e-12, atol=0.0), \
+        f"{where}: the value changes when the host hands over {sorted(accepts)} ({float(given)} != {float(own)})"
+    for a, b in zip(given_grad, own_grad):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        assert a is None or torch.allclose(a, b, rtol=1e-9, atol=1e-12), \
+            f"{where}: the gradient changes when the host hands over {sorted(accepts)}"

@@ -261,6 +261,24 @@ def _takes_generator(init_state: Callable[..., Any]) -> bool:
         return False
 
 
+def _gradient_graph(flat: FlatL2O, params: list[Tensor], loss: Tensor, step: int,
+                    schedule: Mapping[str, Any]) -> tuple[Tensor, ...] | None:
+    """∇f(θ_t) with its graph when a due regularizer takes the host's ``grads``, else ``None``."""
+    if not flat.wants_gradient(step, loss=loss, **schedule):
+        return None
+    return torch.autograd.grad(loss, params, create_graph=True)
+
+
+def _step_gradient(params: list[Tensor], loss: Tensor, extra: Tensor | None,
+                   graph: Sequence[Tensor] | None) -> list[Tensor]:
+    """The detached gradient fed to the learned optimizer: of the loss, plus ``extra`` if any."""
+    if extra is None and graph is not None:
+        # The gradient graph built for the regularizers is also this step's gradient.
+        return [g.detach() for g in graph]
+    objective = loss if extra is None else loss + extra
+    return [g.detach() for g in torch.autograd.grad(objective, params, retain_graph=True)]
+
+
 def _heldout_loss(traj: Trajectory, params: list[Tensor]) -> Tensor:
     """The loss at ``params`` on a batch of the task's held-out training data (``meta_objective="heldout"``)."""
     sample = getattr(traj.task, "sample_heldout_batch", None)
@@ -359,8 +377,10 @@ class MetaTrainer:
         first_step = traj.step
         params = [p.detach().requires_grad_(True) for p in traj.params]
         state = {k: v.detach() for k, v in traj.state.items()}
-        loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
-        loss = loss_fn(params)
+        # The loss_fn handed to the regularizers replays the random state of the host's own
+        # evaluation, so the loss and gradient graph below are theirs to use.
+        loss, loss_fn = flat.evaluate_loss(partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator)),
+                                           params)
         if traj.initial_loss is None:
             traj.initial_loss = float(loss.detach())
         schedule = {"horizon": traj.horizon, "initial_loss": traj.initial_loss}
@@ -368,19 +388,18 @@ class MetaTrainer:
         terms_sum: dict[str, float] = {}
         heldout = cfg.meta_objective == "heldout"
         values = [loss.detach()]
+        graph_grads = None
         for _ in range(cfg.unroll):
-            objective = loss
-            extra = flat.optimizee_penalty(params, loss_fn, traj.step, loss=loss, **schedule)
-            if extra is not None:
-                objective = loss + extra
-            grads = [g.detach() for g in torch.autograd.grad(objective, params, retain_graph=True)]
+            extra = flat.optimizee_penalty(params, loss_fn, traj.step, loss=loss, grads=graph_grads, **schedule)
+            grads = _step_gradient(params, loss, extra, graph_grads)
             params, state = host_step(self.optimizer, params, grads, state, loss_fn=loss_fn)
             traj.step += 1
-            loss_fn = partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator))
-            loss = loss_fn(params)
+            loss, loss_fn = flat.evaluate_loss(
+                partial(traj.task.loss, batch=traj.task.sample_batch(traj.generator)), params)
+            graph_grads = _gradient_graph(flat, params, loss, traj.step, schedule)
             step_total = loss if not heldout else _heldout_loss(traj, params)
             terms = flat.flatness_terms(params, loss_fn, traj.step, optimizer=self.optimizer,
-                                        loss=loss, **schedule)
+                                        loss=loss, grads=graph_grads, **schedule)
             for name, term in terms.items():
                 step_total = step_total + term
                 terms_sum[name] = terms_sum.get(name, 0.0) + float(term.detach())

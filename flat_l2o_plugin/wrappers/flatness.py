@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._random_state import evaluate_replayable
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..host import ActiveRegularizer, FlatL2O
@@ -145,7 +146,7 @@ class FlatnessAware(LearnedOptimizerWrapper):
                 of the zoo and the ``foreign`` adapter keep.
             horizon: The trajectory length T (default: the wrapper's ``horizon``).
             loss: f(θ_t) if the host has it (saves a forward pass for ``after_loss_drop``
-                and ``scale_free``).
+                schedules).
             initial_loss: f(θ_0) of the trajectory, for ``after_loss_drop`` schedules.
             **host_info: Passed on to wrappers nested inside this one.
 
@@ -181,27 +182,36 @@ class FlatnessAware(LearnedOptimizerWrapper):
         # detached copy of θ_t, so it adds no path from the meta-loss into the host's graph.
         probe = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
+            # The host's loss is not in the graph of the probe, and a regularizer may
+            # differentiate the loss it is handed: the loss at the probe is evaluated when
+            # needed, from the function the regularizers then evaluate.
+            probe_loss = None
             if loss is None and any(a.schedule.after_loss_drop > 0 for a in candidates.values()):
-                loss = loss_fn(probe)
+                probe_loss, loss_fn = evaluate_replayable(loss_fn, probe)
+                loss = probe_loss
             due = self.flat.due(step, mode="optimizee_loss", horizon=horizon, loss=loss, initial_loss=initial_loss)
             if not due:
                 return grads
-            detached_loss = None if loss is None else loss.detach()
-            penalty = torch.stack([act(probe, loss_fn, detached_loss) for act in due.values()]).sum()
+            if probe_loss is None and any(a.weighting == "scale_free" or "loss" in a.accepts for a in due.values()):
+                probe_loss, loss_fn = evaluate_replayable(loss_fn, probe)
+            penalty = torch.stack([act(probe, loss_fn, probe_loss) for act in due.values()]).sum()
             extra = torch.autograd.grad(penalty, probe, allow_unused=True)
         return [g if e is None else g + e.to(g.dtype) for g, e in zip(grads, extra)]
 
     def meta_terms(self, params: Params, loss_fn: LossFn, step: int, *, loss: Tensor | None = None,
-                   horizon: int | None = None, initial_loss: float | None = None) -> dict[str, Tensor]:
+                   horizon: int | None = None, initial_loss: float | None = None,
+                   grads: Params | None = None) -> dict[str, Tensor]:
         """The weighted ``mode="meta_loss"`` terms due at the iterate ``params`` (θ_step).
 
         Args:
             params: The iterate, in the graph of the optimizer's weights.
             loss_fn: ``loss_fn(params)``, the scalar mini-batch loss.
             step: The iterate's index in its trajectory.
-            loss: f(params) if known.
+            loss: f(params) if known, computed by ``loss_fn`` and in the graph of ``params``
+                (as the ``flatness_terms`` hook hands it).
             horizon: T (default: the wrapper's ``horizon``).
             initial_loss: f(θ_0), for ``after_loss_drop``.
+            grads: ∇f(params) built with ``create_graph=True`` from ``loss``, if known.
 
         Returns:
             ``{name: 0-dim tensor}``; empty when nothing is due (nothing is evaluated).
@@ -211,11 +221,11 @@ class FlatnessAware(LearnedOptimizerWrapper):
         if not candidates:
             return {}
         if loss is None and any(a.schedule.after_loss_drop > 0 for a in candidates.values()):
-            loss = loss_fn(params)
+            loss, loss_fn = evaluate_replayable(loss_fn, params)
         # Evaluated directly rather than through the wrapper's own flatness_terms hook:
         # the wrapper answers that hook for a host (attach), and must never re-enter it.
         due = self.flat.due(step, mode="meta_loss", horizon=horizon, loss=loss, initial_loss=initial_loss)
-        return {name: act(params, loss_fn, loss) for name, act in due.items()}
+        return {name: act(params, loss_fn, loss, grads) for name, act in due.items()}
 
     # ------------------------------------------------------------------ the host side
 
@@ -311,13 +321,14 @@ class _AttachedTerms:
 
     @hookimpl
     def flatness_terms(self, params: Params, loss_fn: LossFn, step: int, optimizer: Any,
-                       loss: Tensor | None, horizon: int | None,
-                       initial_loss: float | None) -> dict[str, Tensor] | None:
+                       loss: Tensor | None, horizon: int | None, initial_loss: float | None,
+                       grads: Params | None) -> dict[str, Tensor] | None:
         # A host that names no optimizer attached us on purpose; one that names another
         # optimizer is training something else with the same facade.
         if optimizer is not None and not any(layer is self.wrapper for layer in unwrap(optimizer)):
             return None
-        return self.wrapper.meta_terms(params, loss_fn, step, loss=loss, horizon=horizon, initial_loss=initial_loss)
+        return self.wrapper.meta_terms(params, loss_fn, step, loss=loss, horizon=horizon, initial_loss=initial_loss,
+                                       grads=grads)
 
 
 def _steps_taken(state: Mapping[str, Tensor], owner: str) -> int:

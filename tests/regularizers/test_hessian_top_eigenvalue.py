@@ -1,4 +1,9 @@
-"""The top-eigenvalue regularizer against the exact Hessian of tiny float64 models."""
+"""The top-eigenvalue regularizer against the exact Hessian of tiny float64 models.
+
+These tests check the eigensolver and the exact derivative, so they form the final
+quotient as an HVP (``products="hvp"``); the finite-difference quotient is checked
+against it in ``test_finite_difference.py``.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def assert_top_within_its_bound(value: float, residual: float, hessian: torch.Te
 def test_cold_start_matches_eigvalsh(tiny_mlp, hessian_of, rounding):
     params = tiny_mlp.init_params(0)
     hessian = hessian_of(tiny_mlp.loss, params)
-    reg = HessianTopEigenvalue(iters=500, warm_start=False, tol=1e-10, seed=0)
+    reg = HessianTopEigenvalue(products="hvp", iters=500, warm_start=False, tol=1e-10, seed=0)
     value = reg(params, tiny_mlp.loss)
     assert value.dim() == 0
     assert reg.last_residual <= 1e-10 * abs(value.item()) + rounding(hessian)
@@ -43,7 +48,7 @@ def test_cold_start_matches_eigvalsh(tiny_mlp, hessian_of, rounding):
 def test_created_through_the_registry_is_the_same_estimator(tiny_mlp, hessian_of, rounding):
     params = tiny_mlp.init_params(1)
     hessian = hessian_of(tiny_mlp.loss, params)
-    reg = create_regularizer("hessian_top_eigenvalue", iters=300, warm_start=False, tol=1e-10, seed=0)
+    reg = create_regularizer("hessian_top_eigenvalue", products="hvp", iters=300, warm_start=False, tol=1e-10, seed=0)
     assert isinstance(reg, HessianTopEigenvalue)
     value = reg(params, tiny_mlp.loss).item()
     assert reg.last_residual <= 1e-10 * abs(value) + rounding(hessian)
@@ -55,8 +60,8 @@ def test_negative_dominant_eigenvalue_still_gives_the_largest(rounding):
     a = torch.diag(torch.tensor([-5.0, -1.0, 0.5], dtype=torch.float64))
     loss_fn = lambda p: 0.5 * p[0] @ a @ p[0]  # noqa: E731
     x = [torch.ones(3, dtype=torch.float64)]
-    largest = HessianTopEigenvalue(iters=300, warm_start=False, tol=1e-10, seed=0)
-    magnitude = HessianTopEigenvalue(iters=300, warm_start=False, tol=1e-10, which="magnitude", seed=0)
+    largest = HessianTopEigenvalue(products="hvp", iters=300, warm_start=False, tol=1e-10, seed=0)
+    magnitude = HessianTopEigenvalue(products="hvp", iters=300, warm_start=False, tol=1e-10, which="magnitude", seed=0)
     assert_top_within_its_bound(largest(x, loss_fn).item(), largest.last_residual, a, rounding(a))
     assert abs(magnitude(x, loss_fn).item() - 5.0) <= magnitude.last_residual + rounding(a)
     assert magnitude.last_residual <= 1e-10 * 5.0 + rounding(a)
@@ -64,7 +69,7 @@ def test_negative_dominant_eigenvalue_still_gives_the_largest(rounding):
 
 def test_warm_start_tracks_the_eigenvalue_with_two_hvps_per_call(tiny_mlp, hessian_of, rounding):
     params = tiny_mlp.init_params(2)
-    reg = HessianTopEigenvalue(iters=200, warm_start=True, warm_iters=1, tol=1e-10, seed=0)
+    reg = HessianTopEigenvalue(products="hvp", iters=200, warm_start=True, warm_iters=1, tol=1e-10, seed=0)
     reg(params, tiny_mlp.loss)
     cold_hvps = reg.last_hvps
     # A slowly moving trajectory, as consecutive iterates of an unroll are.
@@ -85,8 +90,8 @@ def test_warm_start_tracks_the_eigenvalue_with_two_hvps_per_call(tiny_mlp, hessi
 
 def test_tolerance_stops_early(tiny_mlp):
     params = tiny_mlp.init_params(0)
-    loose = HessianTopEigenvalue(iters=500, warm_start=False, tol=1e-2, seed=0)
-    tight = HessianTopEigenvalue(iters=500, warm_start=False, tol=1e-10, seed=0)
+    loose = HessianTopEigenvalue(products="hvp", iters=500, warm_start=False, tol=1e-2, seed=0)
+    tight = HessianTopEigenvalue(products="hvp", iters=500, warm_start=False, tol=1e-10, seed=0)
     loose(params, tiny_mlp.loss)
     tight(params, tiny_mlp.loss)
     assert loose.last_hvps < tight.last_hvps
@@ -95,7 +100,7 @@ def test_tolerance_stops_early(tiny_mlp):
 def test_gradient_is_the_eigenvalue_derivative(tiny_mlp):
     """dλ/dθ = vᵀ(∂H/∂θ)v: compare autograd with central finite differences of eigvalsh."""
     params = [p.requires_grad_(True) for p in tiny_mlp.init_params(3)]
-    reg = HessianTopEigenvalue(iters=1000, warm_start=False, tol=0, seed=0)
+    reg = HessianTopEigenvalue(products="hvp", iters=1000, warm_start=False, tol=0, seed=0)
     grads = torch.autograd.grad(reg(params, tiny_mlp.loss), params)
 
     eps = 1e-5
@@ -128,7 +133,7 @@ def test_gradcheck_of_the_differentiable_rayleigh_quotient(tiny_mlp):
 
     def rayleigh(*ps):
         # A fixed probe makes the function deterministic: gradcheck then checks vᵀ(∂H/∂θ)v.
-        reg = HessianTopEigenvalue(iters=1, warm_start=True, warm_iters=0, seed=0)
+        reg = HessianTopEigenvalue(products="hvp", iters=1, warm_start=True, warm_iters=0, seed=0)
         reg._probe = [v.clone() for v in probe]
         return reg(list(ps), tiny_mlp.loss)
 
@@ -178,8 +183,8 @@ def test_power_iteration_reports_hvps_spent(tiny_mlp):
 def test_deterministic_under_a_seed_and_works_in_float32(tiny_mlp):
     params32 = [p.float() for p in tiny_mlp.init_params(6)]
     loss32 = lambda ps: tiny_mlp.loss([p.double() for p in ps]).float()  # noqa: E731
-    a = HessianTopEigenvalue(iters=10, seed=3)(params32, loss32)
-    b = HessianTopEigenvalue(iters=10, seed=3)(params32, loss32)
+    a = HessianTopEigenvalue(products="hvp", iters=10, seed=3)(params32, loss32)
+    b = HessianTopEigenvalue(products="hvp", iters=10, seed=3)(params32, loss32)
     assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
@@ -192,12 +197,12 @@ def test_bad_options_are_named(bad):
 def test_lanczos_matches_eigvalsh_with_few_hvps(tiny_mlp, hessian_of, rounding):
     params = tiny_mlp.init_params(7)
     hessian = hessian_of(tiny_mlp.loss, params)
-    reg = HessianTopEigenvalue(method="lanczos", iters=26, warm_start=False, tol=1e-10, seed=0)
+    reg = HessianTopEigenvalue(products="hvp", method="lanczos", iters=26, warm_start=False, tol=1e-10, seed=0)
     value = reg(params, tiny_mlp.loss).item()
     assert reg.last_residual <= 1e-10 * abs(value) + rounding(hessian)
     assert_top_within_its_bound(value, reg.last_residual, hessian, rounding(hessian))
     exact = float(torch.linalg.eigvalsh(hessian)[-1])
-    power = HessianTopEigenvalue(method="power", iters=reg.last_hvps, warm_start=False, tol=0, seed=0)
+    power = HessianTopEigenvalue(products="hvp", method="power", iters=reg.last_hvps, warm_start=False, tol=0, seed=0)
     power_error = abs(power(params, tiny_mlp.loss).item() - exact)
     assert abs(value - exact) <= power_error + rounding(hessian)  # same HVP budget, at least as accurate
 
@@ -207,8 +212,8 @@ def test_lanczos_which_largest_and_magnitude(rounding):
     loss_fn = lambda p: 0.5 * p[0] @ a @ p[0]  # noqa: E731
     x = [torch.ones(3, dtype=torch.float64)]
     # Three steps span R³: the Ritz values are the eigenvalues, to rounding.
-    largest = HessianTopEigenvalue(method="lanczos", iters=3, warm_start=False, tol=0, seed=0)(x, loss_fn)
-    magnitude = HessianTopEigenvalue(method="lanczos", iters=3, warm_start=False, tol=0, which="magnitude",
+    largest = HessianTopEigenvalue(products="hvp", method="lanczos", iters=3, warm_start=False, tol=0, seed=0)(x, loss_fn)
+    magnitude = HessianTopEigenvalue(products="hvp", method="lanczos", iters=3, warm_start=False, tol=0, which="magnitude",
                                      seed=0)(x, loss_fn)
     assert abs(largest.item() - 0.5) <= rounding(a)
     assert abs(magnitude.item() - 5.0) <= rounding(a)
@@ -216,7 +221,7 @@ def test_lanczos_which_largest_and_magnitude(rounding):
 
 def test_lanczos_warm_start_carries_the_ritz_vector(tiny_mlp, hessian_of, rounding):
     params = tiny_mlp.init_params(8)
-    reg = HessianTopEigenvalue(method="lanczos", iters=26, warm_start=True, warm_iters=2, tol=1e-12, seed=0)
+    reg = HessianTopEigenvalue(products="hvp", method="lanczos", iters=26, warm_start=True, warm_iters=2, tol=1e-12, seed=0)
     reg(params, tiny_mlp.loss)
     moved = [p + 1e-3 for p in params]
     value = reg(moved, tiny_mlp.loss).item()
@@ -225,7 +230,7 @@ def test_lanczos_warm_start_carries_the_ritz_vector(tiny_mlp, hessian_of, roundi
     assert_top_within_its_bound(value, reg.last_residual, hessian, rounding(hessian))
     # The carried vector is nearly converged: residual 1e-3 and error 3e-8 relative, where
     # a fresh start with the same 3 HVPs is far off.
-    fresh = HessianTopEigenvalue(method="lanczos", iters=2, warm_start=False, tol=0, seed=0)
+    fresh = HessianTopEigenvalue(products="hvp", method="lanczos", iters=2, warm_start=False, tol=0, seed=0)
     fresh(moved, tiny_mlp.loss)
     assert reg.last_residual < 0.1 * fresh.last_residual
 
@@ -258,7 +263,7 @@ def test_tol_bounds_the_error_in_a_clustered_spectrum(method, data_seed, seed, h
     exact = torch.linalg.eigvalsh(hessian)
     top, second = float(exact[-1]), float(exact[-2])
     assert abs(float(exact[0])) < top and second / top > 0.9
-    reg = create_regularizer("hessian_top_eigenvalue", iters=200, warm_start=False, method=method, seed=seed)
+    reg = create_regularizer("hessian_top_eigenvalue", products="hvp", iters=200, warm_start=False, method=method, seed=seed)
     tol = reg.tol
     value = reg(params, loss).item()
     # What a user reads into tol=1e-3 (a rule on the change of the estimate stopped up to
@@ -278,7 +283,7 @@ def test_last_residual_bounds_the_error_even_when_the_budget_runs_out(iters, met
     loss, params = clustered_tanh_mlp()
     hessian = hessian_of(loss, params)
     exact = torch.linalg.eigvalsh(hessian)
-    reg = HessianTopEigenvalue(iters=iters, warm_start=False, method=method, tol=1e-3, seed=0)
+    reg = HessianTopEigenvalue(products="hvp", iters=iters, warm_start=False, method=method, tol=1e-3, seed=0)
     value = reg(params, loss).item()
     assert reg.last_hvps == iters + 1
     assert reg.last_residual > 1e-3 * abs(value)  # not converged: the honest residual is large
@@ -307,7 +312,7 @@ def test_power_iteration_stops_at_the_first_vector_within_tol(hessian_of, roundi
 def test_warm_calls_spend_warm_iters_hvps_and_report_their_residual(hessian_of, rounding):
     loss, params = clustered_tanh_mlp()
     for warm_iters in (0, 1, 3):
-        reg = HessianTopEigenvalue(iters=200, warm_iters=warm_iters, tol=1e-3, seed=0)
+        reg = HessianTopEigenvalue(products="hvp", iters=200, warm_iters=warm_iters, tol=1e-3, seed=0)
         reg(params, loss)
         for k in range(1, 4):
             moved = [p + 1e-3 * k for p in params]
@@ -316,3 +321,13 @@ def test_warm_calls_spend_warm_iters_hvps_and_report_their_residual(hessian_of, 
             assert reg.last_hvps <= warm_iters + 1
             nearest = float((torch.linalg.eigvalsh(hessian) - value).abs().min())
             assert nearest <= reg.last_residual + rounding(hessian)
+
+
+def test_the_default_products_are_exact_hvps(tiny_mlp):
+    # Finite differences need a step no one value of which serves both ReLU conv nets and
+    # ViTs (benchmarks/regularizer_cost.py, part 4), so the default stays exact.
+    params = tiny_mlp.init_params(9)
+    default = HessianTopEigenvalue(seed=0)
+    exact = HessianTopEigenvalue(seed=0, products="hvp")
+    assert float(default(params, tiny_mlp.loss)) == float(exact(params, tiny_mlp.loss))
+    assert default.last_residual == exact.last_residual

@@ -1,4 +1,8 @@
-"""HessianTrace against the exact Hessian of small float64 problems."""
+"""HessianTrace against the exact Hessian of small float64 problems.
+
+The products are HVPs here (``products="hvp"``), exact to rounding; the
+finite-difference products are checked against them in ``test_finite_difference.py``.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def test_matches_exact_trace(tiny_mlp, hessian_of, distribution):
     # The tolerance must be tight enough to catch a wrong scale or a missing term.
     assert 4 * sigma < 0.1 * abs(exact)
 
-    estimate = HessianTrace(probes=probes, distribution=distribution, seed=0)(params, tiny_mlp.loss)
+    estimate = HessianTrace(products="hvp", probes=probes, distribution=distribution, seed=0)(params, tiny_mlp.loss)
 
     assert estimate.dim() == 0
     assert abs(float(estimate.detach()) - exact) < 4 * sigma
@@ -42,7 +46,7 @@ def test_rademacher_is_exact_on_a_diagonal_hessian():
         return 0.5 * (diagonal * params[0] ** 2).sum()
 
     # vᵀ diag(h) v = Σ h_i v_i² = Σ h_i for every ±1 probe, so even one probe is exact.
-    estimate = HessianTrace(probes=1, seed=3)([torch.ones(4, dtype=torch.float64)], loss_fn)
+    estimate = HessianTrace(products="hvp", probes=1, seed=3)([torch.ones(4, dtype=torch.float64)], loss_fn)
     assert float(estimate.detach()) == pytest.approx(float(diagonal.sum()), abs=1e-12)
 
 
@@ -54,7 +58,7 @@ def test_standard_deviation_shrinks_like_one_over_sqrt_probes(tiny_mlp, hessian_
     repeats = 200
     stds = {}
     for probes in (4, 64):
-        reg = HessianTrace(probes=probes, distribution=distribution, seed=probes)
+        reg = HessianTrace(products="hvp", probes=probes, distribution=distribution, seed=probes)
         values = torch.tensor([float(reg(params, tiny_mlp.loss).detach()) for _ in range(repeats)])
         stds[probes] = float(values.std())
         # With 200 repeats the sample std is within ~10% of the truth; kurtosis widens it.
@@ -64,7 +68,7 @@ def test_standard_deviation_shrinks_like_one_over_sqrt_probes(tiny_mlp, hessian_
 
 
 def test_gradcheck_with_a_fixed_probe(tiny_mlp):
-    reg = HessianTrace(probes=3, seed=0)
+    reg = HessianTrace(products="hvp", probes=3, seed=0)
 
     def trace_at(*params):
         # Reseeding makes the estimate a deterministic function of the params.
@@ -78,7 +82,7 @@ def test_gradcheck_with_a_fixed_probe(tiny_mlp):
 def test_seeded_instances_repeat_and_calls_draw_fresh_probes(tiny_mlp):
     params = tiny_mlp.init_params(seed=0)
     global_state = torch.random.get_rng_state()
-    first, second = HessianTrace(probes=2, seed=5), HessianTrace(probes=2, seed=5)
+    first, second = HessianTrace(products="hvp", probes=2, seed=5), HessianTrace(products="hvp", probes=2, seed=5)
     a1, a2 = float(first(params, tiny_mlp.loss).detach()), float(first(params, tiny_mlp.loss).detach())
     b1 = float(second(params, tiny_mlp.loss).detach())
     assert a1 == b1
@@ -89,9 +93,9 @@ def test_seeded_instances_repeat_and_calls_draw_fresh_probes(tiny_mlp):
 
 def test_float32_matches_float64_with_the_same_probes(tiny_mlp):
     params = tiny_mlp.init_params(seed=0)
-    in_double = HessianTrace(probes=8, seed=2)(params, tiny_mlp.loss)
+    in_double = HessianTrace(products="hvp", probes=8, seed=2)(params, tiny_mlp.loss)
     single_mlp = type(tiny_mlp)(tiny_mlp.x.float(), tiny_mlp.y.float())
-    in_single = HessianTrace(probes=8, seed=2)([p.float() for p in params], single_mlp.loss)
+    in_single = HessianTrace(products="hvp", probes=8, seed=2)([p.float() for p in params], single_mlp.loss)
     assert in_single.dtype == torch.float32
     # Rademacher probes are the same ±1 in either dtype, so only rounding differs: float32
     # HVPs on this net agree with float64 to ~2e-7 relative (ε = 1.2e-7, little cancellation);
@@ -108,12 +112,12 @@ def test_unused_and_affine_parameters_contribute_nothing(tiny_mlp, hessian_of):
 
     hessian = hessian_of(tiny_mlp.loss, params)
     exact = float(torch.trace(hessian))
-    estimate = HessianTrace(probes=4096, seed=0)(params + [unused, linear], loss_fn)
+    estimate = HessianTrace(products="hvp", probes=4096, seed=0)(params + [unused, linear], loss_fn)
     # The extra parameters add zero rows and columns: the same trace and variance as H.
     assert abs(float(estimate.detach()) - exact) < 4 * math.sqrt(hutchinson_variance(hessian, "rademacher") / 4096)
 
     only_affine = [linear.clone().requires_grad_(True)]
-    zero = HessianTrace(probes=2, seed=0)(only_affine, lambda ps: 3.0 * ps[0].sum())
+    zero = HessianTrace(products="hvp", probes=2, seed=0)(only_affine, lambda ps: 3.0 * ps[0].sum())
     zero.backward()
     assert float(zero.detach()) == 0.0
     assert torch.equal(only_affine[0].grad, torch.zeros(2, dtype=torch.float64))
@@ -127,3 +131,12 @@ def test_rejects_bad_options(options, named):
     with pytest.raises(ValueError, match=named) as info:
         HessianTrace(**options)
     assert isinstance(info.value, ConfigError)
+
+
+def test_the_default_products_are_exact_hvps(tiny_mlp):
+    # Finite differences lose the meta-gradient's direction on ReLU conv nets
+    # (benchmarks/regularizer_cost.py, part 4), so the trace keeps exact products by default.
+    params = tiny_mlp.init_params(seed=1)
+    default = float(HessianTrace(probes=3, seed=4)(params, tiny_mlp.loss).detach())
+    exact = float(HessianTrace(probes=3, seed=4, products="hvp")(params, tiny_mlp.loss).detach())
+    assert default == exact

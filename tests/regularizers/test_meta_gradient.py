@@ -62,7 +62,7 @@ def check_against_finite_differences(objective, phi, directions, differenced=Non
 @pytest.mark.parametrize(
     ("make", "rel"),
     [
-        pytest.param(lambda: HessianTrace(probes=4, seed=0), 1e-6, id="hessian_trace"),
+        pytest.param(lambda: HessianTrace(probes=4, seed=0, products="hvp"), 1e-6, id="hessian_trace"),
         pytest.param(
             lambda: LocalEntropy(gamma=50.0, samples=8, estimator="smoothing", seed=0), 1e-6, id="local_entropy"
         ),
@@ -70,7 +70,7 @@ def check_against_finite_differences(objective, phi, directions, differenced=Non
         # = 2e-10 of the top one (gap 2.4 here), so dλ/dφ = vᵀ(∂H/∂φ)v is exact far
         # beyond what central differences resolve.
         pytest.param(
-            lambda: HessianTopEigenvalue(iters=300, warm_start=False, tol=1e-10, seed=0), 1e-5,
+            lambda: HessianTopEigenvalue(iters=300, warm_start=False, tol=1e-10, seed=0, products="hvp"), 1e-5,
             id="hessian_top_eigenvalue",
         ),
     ],

@@ -61,3 +61,18 @@ def test_the_check_catches_hidden_global_randomness():
 
     with pytest.raises(AssertionError, match="deterministic"):
         check_regularizer(Drifting, dtypes=(torch.float64,))
+
+
+def test_the_check_catches_a_regularizer_that_misreads_the_hosts_values():
+    class SquaredGradient:
+        """‖∇f‖², but from the host's gradient it drops the graph (and so the derivative)."""
+
+        def __call__(self, params, loss_fn, *, grads=None):
+            if grads is None:
+                grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
+            else:
+                grads = [g.detach() for g in grads]
+            return sum((g * g).sum() for g in grads) + 0.0 * sum(p.sum() for p in params)
+
+    with pytest.raises(AssertionError, match="gradient changes when the host hands over"):
+        check_regularizer(SquaredGradient, dtypes=(torch.float64,))

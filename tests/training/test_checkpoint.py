@@ -156,11 +156,14 @@ class InterruptAt:
 
 def test_an_interrupt_mid_step_checkpoints_the_last_whole_step_and_resume_is_exact(tmp_path):
     task = create_task("mlp_digits", batch_size=32)
-    reference = _trainer(tmp_path / "reference", task)
+    counted = InterruptAt(task, call=0)  # counts the run's loss evaluations, never raises
+    reference = _trainer(tmp_path / "reference", counted)
     expected = reference.train()
     expected_weights = {k: v.clone() for k, v in reference.optimizer.state_dict().items()}
 
-    interrupted = _trainer(tmp_path / "run", InterruptAt(task, call=58))
+    # Two thirds of the way through the evaluations: inside a meta-step past the first
+    # periodic checkpoint (step 4), however many evaluations the estimators need per step.
+    interrupted = _trainer(tmp_path / "run", InterruptAt(task, call=2 * counted.calls // 3))
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     step = load_checkpoint(tmp_path / "run").step

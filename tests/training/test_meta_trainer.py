@@ -175,3 +175,146 @@ def test_tasks_without_accuracy_validate_on_minus_the_loss():
     result = trainer.train()
     assert all("val_accuracy" not in v and v["val_score"] == -v["val_loss"] for v in result.validation)
     assert result.best_score == max(v["val_score"] for v in result.validation)
+
+
+# ----------------------------------------------------------------- the host's gradient graph
+
+
+class _Float64:
+    """A task in float64, so that summation order is the only difference between two runs."""
+
+    def __init__(self, task):
+        self.task, self.name = task, f"{task.name}[float64]"
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def init_params(self, seed):
+        return [p.double() for p in self.task.init_params(seed)]
+
+
+class _Classic:
+    """A regularizer written as ``reg(params, loss_fn)``: it never sees the host's loss or gradient."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, params, loss_fn):
+        return self.inner(params, loss_fn)
+
+
+def _float64_meta_gradient(task, regularizers, classic):
+    torch.manual_seed(0)
+    optimizer = create_optimizer("rnnprop").double()
+    flat = FlatL2O(regularizers, plugin_manager=get_plugin_manager(entry_points=False))
+    if classic:
+        for active in flat.active.values():
+            active.regularizer = _Classic(active.regularizer)
+            active.accepts = frozenset()
+    trainer = MetaTrainer(optimizer, lambda g: (task, 7), flat=flat, config=MetaTrainConfig(**TINY))
+    logs = trainer.step(0)
+    return [p.grad.clone() for p in optimizer.parameters()], logs
+
+
+@pytest.mark.parametrize("regularizers", [
+    pytest.param({"hessian_top_eigenvalue": {"weight": 1.0, "products": "hvp", "seed": 0}}, id="top_eigenvalue_hvp"),
+    pytest.param({"hessian_trace": {"weight": 0.1, "probes": 2, "products": "hvp", "seed": 0}}, id="trace_hvp"),
+    pytest.param({"sharpness": {"weight": 1.0}}, id="sharpness"),
+])
+def test_the_hosts_gradient_graph_leaves_the_meta_gradient_as_it_was(task, regularizers):
+    """The trainer builds ∇f(θ_t) once, for the regularizers and for its own next step.
+
+    In float64 the two runs differ only by the order in which the meta-backward sums
+    the same terms: relative differences of order 1e-13, far below 1e-9.
+    """
+    task64 = _Float64(task)
+    shared, shared_logs = _float64_meta_gradient(task64, regularizers, classic=False)
+    own, own_logs = _float64_meta_gradient(task64, regularizers, classic=True)
+    assert shared_logs["meta_loss"] == pytest.approx(own_logs["meta_loss"], rel=1e-12)
+    for a, b in zip(shared, own):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_finite_difference_term_through_the_trainer_matches_the_hvp_term(task):
+    # The same probes and steps; only the final quotient differs (see test_finite_difference).
+    task64 = _Float64(task)
+    exact, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {"weight": 1.0, "products": "hvp",
+                                                                          "seed": 0}}, classic=False)
+    plain, _ = _float64_meta_gradient(task64, {}, classic=False)
+    approx, _ = _float64_meta_gradient(task64, {"hessian_top_eigenvalue": {
+        "weight": 1.0, "products": "finite_difference", "seed": 0}}, classic=False)
+    term_exact = torch.cat([(a - b).reshape(-1) for a, b in zip(exact, plain)])
+    term_approx = torch.cat([(a - b).reshape(-1) for a, b in zip(approx, plain)])
+    cosine = float(term_exact @ term_approx / (term_exact.norm() * term_approx.norm()))
+    assert cosine > 0.999
+
+
+def test_the_trainer_hands_its_gradient_graph_over_and_old_plugins_still_run(task):
+    import good_plugin
+    import host_values_plugin
+    from flat_l2o_plugin.testing import isolated_plugin_manager
+
+    flat = FlatL2O({"l2_norm": {"weight": 1e-3}, "sees_grads": {"weight": 1e-3}, "sees_loss": {"weight": 1e-3}},
+                   plugin_manager=isolated_plugin_manager(good_plugin, host_values_plugin))
+    trainer = MetaTrainer(create_optimizer("rnnprop"), lambda g: (task, 7), flat=flat, config=MetaTrainConfig(**TINY))
+    logs = trainer.step(0)
+    # A plugin written as reg(params, loss_fn) runs at every step, as before.
+    assert flat.active["l2_norm"].regularizer.calls == TINY["unroll"]
+    assert logs["term/l2_norm"] > 0 and math.isfinite(logs["meta_loss"])
+    # One that names grads gets the host's gradient graph at every step, ...
+    handed = flat.active["sees_grads"].regularizer.seen
+    assert len(handed) == TINY["unroll"] and all(g is not None and all(x.requires_grad for x in g) for g in handed)
+    # ... and one that names loss the host's loss, of the very function it evaluates.
+    seen = flat.active["sees_loss"].regularizer.seen
+    assert len(seen) == TINY["unroll"] and all(loss is not None and float(loss.detach()) == again
+                                                for loss, again in seen)
+
+
+def test_a_third_party_plugin_written_for_reg_params_loss_fn_runs_unchanged(task):
+    """A plugin that knows only the documented ``reg(params, loss_fn)`` contract and the
+    ``flatness_terms`` hook as it was before ``grads``: both run at every step, are called
+    exactly as before, and their terms reach the meta-gradient."""
+    from flat_l2o_plugin import RegularizerInfo, hookimpl
+    from flat_l2o_plugin.testing import isolated_plugin_manager
+
+    calls: list[tuple[int, list[str]]] = []
+
+    class GradientNorm:
+        # Its own names for the two arguments, and a catch-all it forwards nowhere.
+        def __call__(self, theta, f, *args, **kwargs):
+            calls.append((len(args), sorted(kwargs)))
+            g = torch.autograd.grad(f(theta), theta, create_graph=True)
+            return sum((x * x).sum() for x in g)
+
+    hook_steps: list[int] = []
+
+    class ThirdParty:
+        @hookimpl
+        def register_regularizers(self, register):
+            register(RegularizerInfo(name="gradient_norm", factory=GradientNorm, description="‖∇f‖²"))
+
+        @hookimpl
+        def flatness_terms(self, params, loss_fn, step, loss):  # the hook's arguments before grads
+            hook_steps.append(step)
+            return {"third_party_hook": 1e-3 * (loss_fn(params) - loss.detach()) ** 2 + 1e-3 * loss_fn(params)}
+
+    def meta_gradient(regularizers, plugin):
+        torch.manual_seed(0)
+        optimizer = create_optimizer("rnnprop")
+        flat = FlatL2O(regularizers, plugin_manager=isolated_plugin_manager(*plugin))
+        logs = MetaTrainer(optimizer, lambda g: (task, 7), flat=flat, config=MetaTrainConfig(**TINY)).step(0)
+        return [p.grad.clone() for p in optimizer.parameters()], logs
+
+    plain, _ = meta_gradient({}, ())
+    # The hessian term makes the trainer build its gradient graph: the classic plugin must
+    # still get nothing but (params, loss_fn).
+    regularized, logs = meta_gradient({"gradient_norm": {"weight": 1.0},
+                                       "hessian_top_eigenvalue": {"weight": 1e-3, "seed": 0}}, (ThirdParty(),))
+    assert calls == [(0, [])] * TINY["unroll"]
+    assert hook_steps == list(range(1, TINY["unroll"] + 1))
+    assert logs["term/gradient_norm"] > 0 and "term/third_party_hook" in logs
+    assert all(torch.isfinite(g).all() for g in regularized)
+    assert sum(float((a - b).abs().sum()) for a, b in zip(plain, regularized)) > 0

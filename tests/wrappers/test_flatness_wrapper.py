@@ -244,3 +244,23 @@ def test_the_wrappers_regularizer_sees_one_dropout_mask_per_call(route):
             assert set(host.flatness_terms(params, dropout_loss, t + 1, optimizer=wrapped)) == {"repeated_loss"}
     seen = wrapped.active["repeated_loss"].regularizer.seen
     assert len(seen) == 3 and all(values[0] == values[1] == values[2] for values in seen)
+
+
+def test_optimizee_loss_mode_works_when_the_host_hands_its_own_loss():
+    """A host's loss is in the graph of its params, not of the wrapper's detached probe: a
+    regularizer that takes ``loss`` (sharpness differentiates it) must get the loss at the
+    probe, so handing the loss over changes nothing but what schedules read."""
+    params, loss_fn = _problem()
+    config = {"sharpness": {"weight": 1.0, "rho": 0.5, "mode": "optimizee_loss"}}
+    steps = []
+    for hand_over in (False, True):
+        torch.manual_seed(0)
+        wrapped = FlatnessAware(_fresh("rnnprop"), config)
+        leaves = [p.clone().requires_grad_(True) for p in params]
+        loss = loss_fn(leaves)
+        grads = [g.detach() for g in torch.autograd.grad(loss, leaves, retain_graph=True)]
+        extra = {"loss": loss} if hand_over else {}
+        new_params, _ = wrapped.step(leaves, grads, wrapped.init_state(leaves), loss_fn=loss_fn, **extra)
+        steps.append([p.detach() for p in new_params])
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
