@@ -122,7 +122,9 @@ def smoothed_loss(loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], params:
     from ..regularizers import LocalEntropy
 
     d = sum(p.numel() for p in params)
-    estimator = LocalEntropy(gamma=gamma, samples=samples, estimator="smoothing", seed=seed)
+    # Independent draws: the study's committed measure (a log-mean-exp gains nothing from
+    # mirrored pairs, which the regularizer uses to steady its gradient).
+    estimator = LocalEntropy(gamma=gamma, samples=samples, estimator="smoothing", seed=seed, antithetic=False)
     with torch.no_grad():
         negative_f = float(estimator([p.detach() for p in params], loss_fn))
     return negative_f + 0.5 * d * math.log(2 * math.pi / gamma)
