@@ -163,6 +163,15 @@ class LearnedCorrection(nn.Module):
         keys = ["step", "exp_avg", "exp_avg_sq"]
         return keys + ["momentum_buffer"] if self.base == "sgd" else keys
 
+    def reduced_precision_state_keys(self) -> list[str]:
+        """State a deployment may store in a lower precision: none.
+
+        The state is Adam's moments (and SGD's momentum), running averages that change
+        by (1 - β) of their value per step: with β2 = 0.999, bfloat16's 2⁻⁸ spacing
+        would round each increment of v away, so it would stop following the gradient.
+        """
+        return []
+
     def init_state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Fresh state for ``params``: zero moments (and momentum buffer), step 0.
 
@@ -272,7 +281,7 @@ class LearnedCorrection(nn.Module):
         # The reference computes the bias corrections in the state's dtype; so do we.
         corrections = (1.0 - self.beta1**t, 1.0 - self.beta2**t)
         weights = _fused.prepared(self, "merged_mlp", self._merged_mlp)
-        run = _fused.kernel(_correction_kernel, self._kernel_config(), eager_block=1 << 14)
+        run = _fused.kernel(_correction_kernel, self._kernel_config(), eager_block=_EAGER_BLOCK)
         for theta, grad, rows, commit in _fused.param_slices(params, grads, state, keys[1:], owner):
             run((theta, grad, rows["exp_avg"], rows["exp_avg_sq"], rows.get("momentum_buffer")),
                 (*corrections, *weights))
@@ -296,6 +305,12 @@ class LearnedCorrection(nn.Module):
         keep = (merged != 0).any(dim=0)
         units, merged = units[keep], merged[:, keep]
         return units[:, :NUM_FEATURES].contiguous(), units[:, NUM_FEATURES].contiguous(), merged.contiguous(), b2
+
+
+# Coordinates per block when the kernel runs eagerly: large enough that per-operator
+# overhead does not show, small enough that the hidden layer of a block stays in cache.
+# Compiled, a tensor is one loop with no intermediates, so it is not split.
+_EAGER_BLOCK = 1 << 16
 
 
 class _CorrectionConfig(NamedTuple):

@@ -229,7 +229,7 @@ class L2ODM(nn.Module):
         weights = _fused.prepared(self, "deployed", self._deployed_weights)
         # The reference works in the dtype the params promote to; so does the kernel.
         config = _L2ODMConfig(self.num_layers, self.preprocess_p, self.output_scale, layout(params)[1])
-        run = _fused.kernel(_l2o_dm_kernel, config, compiled_block=_BLOCK, eager_block=_BLOCK)
+        run = _fused.kernel(_l2o_dm_kernel, config, compiled_block=_BLOCK, eager_block=_EAGER_BLOCK)
         for theta, grad, rows, commit in _fused.param_slices(params, grads, state, keys[1:], owner):
             run((theta, grad, *(rows[key] for key in keys[1:])), weights)
             commit()
@@ -241,6 +241,7 @@ class L2ODM(nn.Module):
 
 # Coordinates per block of the deployed step (see rnnprop's).
 _BLOCK = 2048
+_EAGER_BLOCK = 1 << 14
 
 
 class _L2ODMConfig(NamedTuple):

@@ -483,7 +483,7 @@ class L2OScale(nn.Module):
         biases = torch.cat([w.bias_rz + rz, w.bias_xn + n, w.bias_hn.expand_as(n)], dim=1)
         config = _ScaleConfig(len(self.momentum_decays), self.eps, self.lr_momentum, self.relative_lr,
                               self.gradient_shortcut)
-        first = _fused.kernel(_l2o_scale_state_kernel, config, compiled_block=_BLOCK, eager_block=_BLOCK)
+        first = _fused.kernel(_l2o_scale_state_kernel, config, compiled_block=_BLOCK, eager_block=_EAGER_BLOCK)
         second = _fused.kernel(_l2o_scale_update_kernel, None)
         keys = ["grad_avg", "grad_sq_avg", "lr_offset", "param_h"]
         slices = list(_fused.param_slices(params, grads, state, keys, type(self).__name__))
@@ -585,6 +585,7 @@ class L2OScale(nn.Module):
 _SEGMENT_CACHE_SIZE = 4
 # Coordinates per block of the deployed step's first pass (see rnnprop's).
 _BLOCK = 2048
+_EAGER_BLOCK = 1 << 14
 
 
 class _ScaleConfig(NamedTuple):

@@ -325,7 +325,7 @@ class RNNProp(nn.Module):
         corrections = (1.0 - self.beta1**t, 1.0 - self.beta2**t)
         weights = _fused.prepared(self, "deployed", self._deployed_weights)
         config = _RNNPropConfig(self.num_layers, self.beta1, self.beta2, self.eps, self.output_scale)
-        run = _fused.kernel(_rnnprop_kernel, config, compiled_block=_BLOCK, eager_block=_BLOCK)
+        run = _fused.kernel(_rnnprop_kernel, config, compiled_block=_BLOCK, eager_block=_EAGER_BLOCK)
         scaled = self._scaling_active()
         lstm_keys = self.reduced_precision_state_keys()
         for theta, grad, rows, commit in _fused.param_slices(params, grads, state, keys[1:], owner):
@@ -342,9 +342,11 @@ class RNNProp(nn.Module):
         return self.training and self.random_scaling > 0.0
 
 
-# Coordinates per block of the deployed step: the gates of a block (4·H·rows floats)
-# stay in the cache between the matrix product and the gate arithmetic.
+# Coordinates per block of the deployed step, compiled: a block's stacked inputs and
+# gates (6·H floats a row) stay in a core's L2 cache between the matrix product and the
+# gate arithmetic. Eagerly, each operator's overhead is paid per block, so blocks are larger.
 _BLOCK = 2048
+_EAGER_BLOCK = 1 << 14
 
 
 class _RNNPropConfig(NamedTuple):
