@@ -371,7 +371,7 @@ def _correction_kernel(
         a, b = b2[0], b2[1]
         for j in range(w1.shape[0]):
             pre = b1[j] + w1[j, 0] * features[0] + w1[j, 1] * features[1] + w1[j, 2] * features[2]
-            hidden = _fused.tanh(pre + w1[j, 3] * features[3], compiled)
+            hidden = _fused.tanh(pre + w1[j, 3] * features[3], compiled, bounded=False)
             a = a + w2[0, j] * hidden
             b = b + w2[1, j] * hidden
         a = a.expand_as(features[0])
