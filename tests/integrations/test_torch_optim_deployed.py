@@ -136,6 +136,24 @@ def test_the_deployed_step_follows_the_reference_through_the_face(name, state_dt
                                        atol=rtol * scale + 1e-30)
 
 
+@pytest.mark.parametrize("name", ["rnnprop", "l2o_scale"])
+def test_the_deployed_step_leaves_other_optimizers_state_alone(name) -> None:
+    """A key another optimizer keeps in ``self.state[p]`` (timm's Lookahead) before the first step."""
+    learned = _untrained(name)
+    models = [_model(8) for _ in range(2)]
+    opts = [LearnedOptimizerTorch(model.parameters(), learned, fused=True) for model in models]
+    foreign = {p: torch.full_like(p, 7.0) for p in models[1].parameters()}
+    for p, value in foreign.items():
+        opts[1].state[p]["slow_weights"] = value
+    for model, opt in zip(models, opts):
+        _train(model, opt, 3)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert opts[1].state[q]["slow_weights"] is foreign[q] and bool((foreign[q] == 7.0).all())
+        assert opts[1].state[q].keys() - {"slow_weights"} == opts[0].state[p].keys()
+
+
 def test_bfloat16_state_is_stored_and_saved_as_bfloat16_and_resumes_identically() -> None:
     learned = _untrained("rnnprop")
     model = _model(256)
