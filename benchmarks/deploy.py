@@ -25,7 +25,7 @@ on the same parameters and gradients:
    products, the compiled elementwise kernels, compiled-call overhead and other operators.
 6. End to end: training steps per second of a timm ResNet-18 at batch 32 with each
    optimizer (all threads), and the fraction of a step spent in ``optimizer.step()``.
-   Each learned optimizer is timed in a block next to a block of AdamW.
+   Each optimizer is timed in a block next to a block of AdamW(foreach).
 7. The same step-time table on a GPU when CUDA is available (nothing here needs one).
 
 The learned optimizers' weights are their initial ones, perturbed so that no two
@@ -33,7 +33,10 @@ hidden units coincide (a fresh ``learned_correction`` has its mirror equal to it
 which the fused step would skip entirely); speed does not depend on the values.
 The targets of the deployment work are marked met or not.
 
-Run: ``python benchmarks/deploy.py [--quick] [--out runs/bench/deploy.json]``.
+Step times print the median ms and the ratios to Adam and to AdamW. Run:
+``python benchmarks/deploy.py [--quick] [--out runs/bench/deploy.json] [--report benchmarks/results/deploy.md]``;
+``--report`` writes the printed tables, with the machine, to a markdown file (the
+README quotes ``benchmarks/results/deploy.md``).
 """
 
 from __future__ import annotations
@@ -154,13 +157,14 @@ def time_steps(optimizers: dict[str, tuple[torch.optim.Optimizer, list[nn.Parame
     return times
 
 
-def ratios(times: dict[str, list[float]], baseline: str = "adam") -> dict[str, dict[str, float]]:
-    """Median time and median per-round ratio to the baseline, per optimizer."""
-    return {
-        name: {"ms": 1e3 * statistics.median(values),
-               "ratio": statistics.median(v / b for v, b in zip(values, times[baseline]))}
-        for name, values in times.items()
-    }
+def ratios(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median time and median per-round ratio to Adam (``ratio``) and to AdamW (``ratio_adamw``)."""
+    def ratio(values: list[float], baseline: str) -> float:
+        return statistics.median(v / b for v, b in zip(values, times[baseline]))
+
+    return {name: {"ms": 1e3 * statistics.median(values), "ratio": ratio(values, "adam"),
+                   "ratio_adamw": ratio(values, "adamw")}
+            for name, values in times.items()}
 
 
 def step_table(names: list[str], learned: dict[str, nn.Module], sizes: list[int], thread_counts: list[int],
@@ -289,6 +293,7 @@ def flops_table(learned: dict[str, nn.Module], step_row: dict[str, Any], size: i
 
 
 _PROFILE_GROUPS = (
+    ("python around the kernels", ("Optimizer.step#",)),
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("compiled kernels", ("## Call CompiledFxGraph",)),
     ("compiled-call overhead", ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode",
@@ -362,6 +367,7 @@ def end_to_end(names: list[str], learned: dict[str, nn.Module], model_name: str,
         reference = run("adamw")
         result = run(name)
         result["adamw_steps_per_s"] = reference["steps_per_s"]
+        result["adamw_optimizer_fraction"] = reference["optimizer_fraction"]
         result["slowdown_vs_adamw"] = reference["steps_per_s"] / result["steps_per_s"]
         rows.append({"optimizer": name, **result})
         print(f"  {name}: {result['steps_per_s']:.3f} steps/s ({result['slowdown_vs_adamw']:.2f}x slower than "
@@ -374,22 +380,28 @@ def end_to_end(names: list[str], learned: dict[str, nn.Module], model_name: str,
 
 
 def print_step_rows(rows: list[dict[str, Any]], names: list[str]) -> None:
-    header = f"{'params':>10} {'thr':>3} " + " ".join(f"{n[:18]:>20}" for n in names)
+    """Per size and thread count: each optimizer's median ms, its ratio to Adam and to AdamW."""
+    header = f"{'params':>10} {'thr':>3} " + " ".join(f"{n[:24]:>26}" for n in names)
     print(header)
+    print(f"{'':>14} " + " ".join(f"{'ms   xAdam  xAdamW':>26}" for _ in names))
     print("-" * len(header))
     for row in rows:
-        cells = [f"{row['results'][n]['ms']:9.1f}ms {row['results'][n]['ratio']:7.1f}x" for n in names]
-        print(f"{row['size']:>10,d} {row['threads']:>3} " + " ".join(f"{c:>20}" for c in cells))
+        cells = [f"{r['ms']:10.1f} {r['ratio']:7.1f} {r['ratio_adamw']:7.1f}"
+                 for r in (row['results'][n] for n in names)]
+        print(f"{row['size']:>10,d} {row['threads']:>3} " + " ".join(f"{c:>26}" for c in cells))
 
 
-def targets(step_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+def targets(step_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]], flops: list[dict[str, Any]],
+            size: int) -> list[dict[str, Any]]:
+    """Each target with the value reached; a step target also carries its matmul floor."""
     row = next((r for r in step_rows if r["size"] == size and r["threads"] == 1 and r["device"] == "cpu"), None)
+    floors = {f["optimizer"]: f["floor_ratio"] for f in flops}
     marks = []
     for name, bound in TARGETS.items():
         if row is not None and name in row["results"]:
             value = row["results"][name]["ratio"]
             marks.append({"target": f"{name} step at {size:,d} params, 1 thread", "bound": f"<= {bound:g}x Adam",
-                          "value": value, "met": value <= bound})
+                          "value": value, "met": value <= bound, "matmul_floor": floors.get(name)})
     name, bound = END_TO_END_TARGET
     e2e = next((r for r in e2e_rows if r["optimizer"] == name), None)
     if e2e is not None:
@@ -404,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/bench/deploy.json")
     parser.add_argument("--model", default="resnet18", help="timm model of the end-to-end run")
     parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--report", default=None,
+                        help="also write the tables to this markdown file (benchmarks/results/deploy.md)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     learned = {name: perturbed(name) for name in learned_names()}
@@ -443,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[6/7] end to end: timm {e2e['model_name']}, batch {e2e['batch']}, {e2e['resolution']}px, "
           f"{torch.get_num_threads()} threads", flush=True)
     e2e_rows = end_to_end(names, learned, **e2e)
+    e2e["threads"] = torch.get_num_threads()
 
     gpu_rows: list[dict[str, Any]] = []
     if torch.cuda.is_available():
@@ -450,10 +465,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gpu_rows = step_table(names, learned, sizes, [torch.get_num_threads()], torch.device("cuda"), rounds)
     else:
         print("[7/7] no GPU: skipped", flush=True)
-    marks = targets(step_rows, e2e_rows, target_size)
+    marks = targets(step_rows, e2e_rows, flops, target_size)
     seconds = time.perf_counter() - start
 
-    print("\nStep time (median) and ratio to torch.optim.Adam (median over rounds), CPU")
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        print_report(names, step_rows, gpu_rows, fallback, states, flops, profiles, e2e, e2e_rows, marks,
+                     target_size)
+    print("\n" + report.getvalue(), end="")
+    print(f"\n{seconds / 60:.1f} min")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"quick": args.quick, "torch": torch.__version__, "cpus": cpus, "seconds": seconds,
+              "steps": step_rows, "gpu_steps": gpu_rows, "fallback": fallback, "state": states, "flops": flops,
+              "profile": profiles, "end_to_end": {"config": e2e, "rows": e2e_rows}, "targets": marks}
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    if args.report:
+        write_report(Path(args.report), report.getvalue(), args, cpus, seconds)
+        print(f"wrote {args.report}")
+    return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name where the platform tells it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def write_report(path: Path, tables: str, args: argparse.Namespace, cpus: int, seconds: float) -> None:
+    """The printed tables as a markdown file, with the machine and command that produced them."""
+    command = "python benchmarks/deploy.py" + (" --quick" if args.quick else "")
+    if args.model != "resnet18" or args.resolution != 224:
+        command += f" --model {args.model} --resolution {args.resolution}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# `{command}`\n\n"
+        f"{cpu_model()}, {cpus} logical CPUs, torch {torch.__version__}, {seconds / 60:.0f} min. "
+        f"One thread is CPU time of the calling thread; all threads and end to end are wall time, "
+        f"on a machine other jobs share: read the ratios, measured side by side, not the absolute times.\n\n"
+        f"```\n{tables.strip()}\n```\n"
+    )
+
+
+def print_report(names: list[str], step_rows: list[dict[str, Any]], gpu_rows: list[dict[str, Any]],
+                 fallback: list[dict[str, Any]], states: list[dict[str, Any]], flops: list[dict[str, Any]],
+                 profiles: dict[str, dict[str, float]], e2e: dict[str, Any], e2e_rows: list[dict[str, Any]],
+                 marks: list[dict[str, Any]], target_size: int) -> None:
+    """The tables of every section, then the targets."""
+    print("Step time (median ms) and ratio to torch.optim.Adam and AdamW(foreach) (median over rounds), CPU")
     print_step_rows(step_rows, names)
     if gpu_rows:
         print("\nStep time on the GPU")
@@ -477,23 +543,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, shares in profiles.items():
         parts = ", ".join(f"{group} {100 * share:.0f}%" for group, share in shares.items() if group != "total_ms")
         print(f"  {name:<20} {parts}")
-    print(f"\nEnd to end: timm {e2e['model_name']}, batch {e2e['batch']}, {e2e['resolution']}px")
+    print(f"\nEnd to end: timm {e2e['model_name']}, batch {e2e['batch']}, {e2e['resolution']}px, "
+          f"{e2e['threads']} thread(s); each optimizer next to a block of AdamW(foreach)")
     for row in e2e_rows:
         print(f"  {row['optimizer']:<20} {row['steps_per_s']:7.3f} steps/s  {row['slowdown_vs_adamw']:6.2f}x AdamW's "
-              f"step time  {100 * row['optimizer_fraction']:5.1f}% in step()")
+              f"step time  {100 * row['optimizer_fraction']:5.1f}% in step() (AdamW "
+              f"{row['adamw_steps_per_s']:.3f} steps/s, {100 * row['adamw_optimizer_fraction']:.1f}%)")
     print("\nTargets")
     for mark in marks:
-        print(f"  [{'met' if mark['met'] else 'NOT met'}] {mark['target']}: {mark['value']:.2f} ({mark['bound']})")
-    print(f"\n{seconds / 60:.1f} min")
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"quick": args.quick, "torch": torch.__version__, "cpus": cpus, "seconds": seconds,
-              "steps": step_rows, "gpu_steps": gpu_rows, "fallback": fallback, "state": states, "flops": flops,
-              "profile": profiles, "end_to_end": {"config": e2e, "rows": e2e_rows}, "targets": marks}
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    return result
+        floor = mark.get("matmul_floor")
+        note = f"; at matmul speed the network alone would be {floor:.1f}x" if floor is not None else ""
+        print(f"  [{'met' if mark['met'] else 'NOT met'}] {mark['target']}: {mark['value']:.2f} ({mark['bound']}{note})")
 
 
 if __name__ == "__main__":
