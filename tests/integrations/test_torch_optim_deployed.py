@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flat_l2o_plugin import create_optimizer, create_task
+from flat_l2o_plugin import create_optimizer
 from flat_l2o_plugin.errors import ConfigError
 from flat_l2o_plugin.integrations.torch_optim import LearnedOptimizerTorch
 from flat_l2o_plugin.optimizers import LearnedCorrection, RNNProp
 from flat_l2o_plugin.optimizers._fused import COMPILE_ENV
 from flat_l2o_plugin.tasks import load_dataset
-from flat_l2o_plugin.training import MetaTrainConfig, MetaTrainer
 
 LARGE = 1 << 16  # a group of this many coordinates runs step_ by default
 
@@ -27,21 +26,6 @@ LARGE = 1 << 16  # a group of this many coordinates runs step_ by default
 def eager(monkeypatch):
     """Kernels run eagerly here: their compiled form is pinned in tests/optimizers."""
     monkeypatch.setenv(COMPILE_ENV, "0")
-
-
-@pytest.fixture(scope="module")
-def meta_trained() -> nn.Module:
-    """RNNProp after 30 short unrolls on the digits MLP: an optimizer that trains a model."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    learned = create_optimizer("rnnprop")
-    task = create_task("mlp_digits")
-    config = MetaTrainConfig(meta_steps=30, unroll=10, horizon=50, meta_lr=1e-2, val_every=0, seed=0)
-    MetaTrainer(learned, lambda gen: (task, int(torch.randint(1000, 10**6, (1,), generator=gen))),
-                config=config).train()
-    torch.set_num_threads(previous)
-    return learned.eval()
 
 
 def _untrained(name: str, **options: Any) -> nn.Module:
