@@ -410,12 +410,28 @@ def targets(step_rows: list[dict[str, Any]], e2e_rows: list[dict[str, Any]], flo
     return marks
 
 
+def parse_threads(text: str, parser: argparse.ArgumentParser) -> list[int]:
+    """``--threads``: positive thread counts, one of them 1 (the targets are for one thread)."""
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        parser.error(f"--threads: expected comma-separated integers such as 1,2, got {text!r}")
+    if not counts or counts[0] < 1 or 1 not in counts:
+        parser.error(f"--threads: the counts must be positive and include 1 (the targets are for one thread), "
+                     f"got {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke-test budget; numbers mean nothing")
     parser.add_argument("--out", default="runs/bench/deploy.json")
     parser.add_argument("--model", default="resnet18", help="timm model of the end-to-end run")
     parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--threads", default=None,
+                        help="thread counts of the step table, comma-separated (default: 1 and all); the end-to-end "
+                             "run uses the largest. On a machine other jobs load, threads wait for each other and "
+                             "wall times of several threads say little")
     parser.add_argument("--report", default=None,
                         help="also write the tables to this markdown file (benchmarks/results/deploy.md)")
     args = parser.parse_args(argv)
@@ -430,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes, rounds = [10**4, 10**5, 10**6, 10**7], {10**4: 15, 10**5: 9, 10**6: 7, 10**7: 3}
         thread_counts = [1] + ([cpus] if cpus > 1 else [])
         target_size = 10**6
+    if args.threads:
+        thread_counts = parse_threads(args.threads, parser)
         e2e = dict(model_name=args.model, batch=32, resolution=args.resolution, steps=4, warmup=2)
     cpu = torch.device("cpu")
 
@@ -454,10 +472,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[5/7] profile of one step at {target_size:,d} params, 1 thread", flush=True)
     profiles = {name: profile_step(name, learned, target_size) for name in learned}
 
+    e2e_threads = max(thread_counts)
     print(f"[6/7] end to end: timm {e2e['model_name']}, batch {e2e['batch']}, {e2e['resolution']}px, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    e2e_rows = end_to_end(names, learned, **e2e)
-    e2e["threads"] = torch.get_num_threads()
+          f"{e2e_threads} thread(s)", flush=True)
+    with threads(e2e_threads):
+        e2e_rows = end_to_end(names, learned, **e2e)
+    e2e["threads"] = e2e_threads
 
     gpu_rows: list[dict[str, Any]] = []
     if torch.cuda.is_available():
@@ -504,6 +524,8 @@ def write_report(path: Path, tables: str, args: argparse.Namespace, cpus: int, s
     command = "python benchmarks/deploy.py" + (" --quick" if args.quick else "")
     if args.model != "resnet18" or args.resolution != 224:
         command += f" --model {args.model} --resolution {args.resolution}"
+    if args.threads:
+        command += f" --threads {args.threads}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"# `{command}`\n\n"
