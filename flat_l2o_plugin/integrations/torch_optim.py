@@ -43,6 +43,16 @@ the step.
 Complex parameters are refused: the learned optimizers are meta-trained on real
 coordinates, so optimise ``torch.view_as_real`` of a complex tensor instead.
 
+The deployed step: a learned optimizer of the zoo also has ``step_``, the same
+mathematics fused into in-place kernels (compiled with ``torch.compile`` when it can be,
+see :mod:`flat_l2o_plugin.optimizers._fused`). A group of at least 65,536 coordinates
+runs it (``fused=None``, the default), within float rounding of ``step``; smaller groups,
+wrapper stacks and optimizers without ``step_`` run ``step`` as above. ``fused=True``
+runs ``step_`` for every group that can, ``fused=False`` never. ``state_dtype="bfloat16"``
+stores the recurrent state the learned optimizer names in
+``reduced_precision_state_keys()`` (its LSTM or GRU states) in that dtype, rounding it
+after each step; running averages keep their dtype.
+
 A wrapper stack that looks at other points, such as ``sam_gradient``, needs a closure:
 ``opt.step(closure)`` re-evaluates the same mini-batch (zero grads, loss, backward) and
 the wrapper gets the gradients at the points it asks for from it.
@@ -91,6 +101,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FlatL2OError
+from ..optimizers._fused import inplace_step
 from ..wrappers.stack import LearnedOptimizerWrapper, host_step
 from ._identity import describe_identity, identity_differences, learned_identity
 
@@ -154,6 +165,13 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             ``weights`` are given (a weights file records its own).
         lr: Default multiplier on the learned update; 1.0 applies it as meta-trained.
         weight_decay: Default L2 coefficient added to the gradient.
+        fused: Run the learned optimizer's in-place ``step_`` (see the module
+            docstring): ``None`` for groups of at least 65,536 coordinates, ``True``
+            for every group, ``False`` never (bit for bit the trajectory of ``step``).
+        state_dtype: Store the state the learned optimizer names in
+            ``reduced_precision_state_keys()`` in this floating dtype (``"bfloat16"``
+            halves the state of RNNProp and L2O-DM); ``None`` keeps the dtypes of
+            ``init_state``.
         coordinatewise: Whether the learned optimizer's update of a coordinate depends
             only on that coordinate's history, which decides how its state is kept
             (see the module docstring). ``None`` takes it from the registration of the
@@ -206,6 +224,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         coordinatewise: bool | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        state_dtype: str | torch.dtype | None = None,
         plugin_manager: Any = None,
     ) -> None:
         del foreach  # see the docstring: there is nothing to switch
@@ -219,6 +239,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             weight.grad = None
         # Set before super().__init__, which calls add_param_group.
         self.learned_optimizer: nn.Module = learned
+        self.fused = fused
+        self.state_dtype, self._reduced_keys = _resolve_state_dtype(state_dtype, learned)
         self.coordinatewise: bool = bool(
             coordinatewise if coordinatewise is not None
             else resolved.coordinatewise if resolved.coordinatewise is not None else True
@@ -236,7 +258,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         # optimizer a copy (copy.deepcopy, multiprocessing) could not step.
         return {**super().__getstate__(), "learned_optimizer": self.learned_optimizer,
                 "coordinatewise": self.coordinatewise, "learned_identity": self.learned_identity,
-                "_own_keys": self._own_keys, "_warn_each_group": self._warn_each_group}
+                "_own_keys": self._own_keys, "_warn_each_group": self._warn_each_group,
+                "fused": self.fused, "state_dtype": self.state_dtype, "_reduced_keys": self._reduced_keys}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, checking its parameters, ``lr`` and ``weight_decay`` (see the module docstring)."""
@@ -308,12 +331,22 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                         f"{tuple(p.shape)} with a sparse gradient; the learned optimizer needs dense "
                         f"gradients (use a dense nn.Embedding, sparse=False)"
                     )
+            fused = self._fused_step(group)
             if self.coordinatewise:
                 for p in active:
                     if not self._own_state(p):
                         self.state[p].update(self._fresh_param_state(p))
+                if fused is not None:
+                    for p in active:
+                        self._step_fused(fused, group, [p], [p])
+                    continue
                 for batch in self._batches(active):
                     self._step_batch(group, batch)
+            elif fused is not None:
+                params = group["params"]
+                if not self._own_state(params[0]):
+                    self.state[params[0]].update(self._fresh_group_state(index, params))
+                self._step_fused(fused, group, params, active)
             else:
                 self._step_whole_group(index, group)
 
@@ -444,7 +477,7 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
     def _fresh_param_state(self, p: Tensor) -> dict[str, Tensor]:
         state = dict(self.learned_optimizer.init_state([p.detach()]))
         self._check_param_state(state, p, f"init_state() for a parameter of shape {tuple(p.shape)}")
-        return state
+        return self._reduce_precision(state)
 
     def _check_param_state(self, state: Mapping[str, Any], p: Tensor, where: str) -> None:
         owner = type(self.learned_optimizer).__name__
@@ -488,7 +521,7 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             # entry serializes on its own.
             pieces = [value] * len(batch) if value.dim() == 0 else list(value.split(sizes))
             for slot, piece in zip(per_param, pieces):
-                slot[key] = piece.clone()
+                slot[key] = piece.to(self.state_dtype, copy=True) if key in self._reduced_keys else piece.clone()
         for p, new, slot in zip(batch, new_params, per_param):
             self.state[p].update(slot)  # other optimizers' keys stay as they are
             _apply(p, new, group["lr"])
@@ -506,22 +539,25 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             )
         owner = params[0]
         if not self._own_state(owner):
-            fresh = dict(self.learned_optimizer.init_state([p.detach() for p in params]))
-            if set(fresh) != self._state_keys():
-                raise OptimizerStateError(
-                    f"LearnedOptimizerTorch: {type(self.learned_optimizer).__name__}.init_state() makes keys "
-                    f"{sorted(fresh)} for param_groups[{index}] but {sorted(self._state_keys())} for one "
-                    f"coordinate; the keys of a learned optimizer's state must not depend on the parameters"
-                )
-            self.state[owner].update(fresh)
+            self.state[owner].update(self._fresh_group_state(index, params))
         # The state covers every coordinate of the group, so every parameter takes part;
         # one without a gradient is fed zeros and keeps its values.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         new_params, new_state = self._call_learned(group, params, grads, self._own_state(owner))
-        self.state[owner].update(new_state)
+        self.state[owner].update(self._reduce_precision(dict(new_state)))
         for p, new in zip(params, new_params):
             if p.grad is not None:
                 _apply(p, new, group["lr"])
+
+    def _fresh_group_state(self, index: int, params: list[Tensor]) -> dict[str, Tensor]:
+        fresh = dict(self.learned_optimizer.init_state([p.detach() for p in params]))
+        if set(fresh) != self._state_keys():
+            raise OptimizerStateError(
+                f"LearnedOptimizerTorch: {type(self.learned_optimizer).__name__}.init_state() makes keys "
+                f"{sorted(fresh)} for param_groups[{index}] but {sorted(self._state_keys())} for one "
+                f"coordinate; the keys of a learned optimizer's state must not depend on the parameters"
+            )
+        return self._reduce_precision(fresh)
 
     # ------------------------------------------------------------------ shared
 
@@ -576,12 +612,77 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
 
         return grad_fn
 
+    # ------------------------------------------------------------------ deployed step
+
+    def _fused_step(self, group: Mapping[str, Any]) -> Callable[..., None] | None:
+        """The learned optimizer's ``step_`` if this group runs it (see the module docstring)."""
+        if self.fused is False or (self.fused is None
+                                   and sum(p.numel() for p in group["params"]) < _FUSED_MIN_COORDINATES):
+            return None
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1 and not self.coordinatewise:
+            return None  # _step_whole_group names the problem
+        return inplace_step(self._learned_on(next(iter(devices))))
+
+    def _step_fused(self, step_: Callable[..., None], group: Mapping[str, Any], params: list[Tensor],
+                    active: list[Tensor]) -> None:
+        """Run ``step_`` on ``params`` and their state (kept with ``params[0]``); only ``active`` params move."""
+        weight_decay, lr = group["weight_decay"], group["lr"]
+        moving = {id(p) for p in active}
+        # A parameter without a gradient is fed zeros (its share of a pooled state
+        # advances) and updated in a scratch copy, so it keeps its values.
+        targets = [p if id(p) in moving else p.detach().clone() for p in params]
+        grads = [p.grad if id(p) in moving else torch.zeros_like(p) for p in params]
+        if weight_decay != 0:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
+        before = [p.detach().clone() for p in active] if lr != 1.0 else []
+        # Only the learned optimizer's own entries: another optimizer's (Lookahead's slow
+        # weights) never reach it. step_ writes the tensors in place; a dtype change
+        # (a state_dict saved without state_dtype) replaces them, hence the update.
+        state = self._reduce_precision(self._own_state(params[0]))
+        step_(targets, grads, state)
+        self.state[params[0]].update(state)
+        for p, old in zip(active, before):
+            _apply(p, old.add_(p - old, alpha=lr), 1.0)
+
+    def _reduce_precision(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with the entries ``state_dtype`` applies to in that dtype (no copy if they are)."""
+        for key in self._reduced_keys:
+            state[key] = state[key].to(self.state_dtype)
+        return state
+
     def _learned_on(self, device: torch.device) -> nn.Module:
         weight = next(iter(self.learned_optimizer.parameters()), None)
         if weight is not None and weight.device != device:
             # Models are often moved to the accelerator after the optimizer is built.
             self.learned_optimizer.to(device)
         return self.learned_optimizer
+
+
+# Groups with fewer coordinates run the reference step by default: it is bit for bit
+# what meta-training validated, and at this size a step costs little either way.
+_FUSED_MIN_COORDINATES = 1 << 16
+
+
+def _resolve_state_dtype(state_dtype: str | torch.dtype | None,
+                         learned: nn.Module) -> tuple[torch.dtype | None, frozenset[str]]:
+    """The state dtype as a ``torch.dtype`` and the keys it applies to."""
+    if state_dtype is None:
+        return None, frozenset()
+    dtype = getattr(torch, state_dtype, None) if isinstance(state_dtype, str) else state_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise ConfigError(
+            f"LearnedOptimizerTorch: state_dtype must be a floating dtype such as 'bfloat16', 'float16' or "
+            f"'float32', got {state_dtype!r}"
+        )
+    keys = getattr(learned, "reduced_precision_state_keys", None)
+    if not callable(keys):
+        raise ConfigError(
+            f"LearnedOptimizerTorch: state_dtype={state_dtype!r} needs the learned optimizer to name the state "
+            f"that may be stored in a lower precision, and {type(learned).__name__} has no "
+            f"reduced_precision_state_keys(); leave state_dtype=None"
+        )
+    return dtype, frozenset(keys())
 
 
 def _apply(p: Tensor, new: Tensor, lr: float) -> None:

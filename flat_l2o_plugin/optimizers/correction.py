@@ -19,12 +19,13 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, MutableMapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from . import _fused
 from ._flat import check_state, flatten, layout, unflatten
 
 __all__ = ["BASES", "LearnedCorrection"]
@@ -162,6 +163,15 @@ class LearnedCorrection(nn.Module):
         keys = ["step", "exp_avg", "exp_avg_sq"]
         return keys + ["momentum_buffer"] if self.base == "sgd" else keys
 
+    def reduced_precision_state_keys(self) -> list[str]:
+        """State a deployment may store in a lower precision: none.
+
+        The state is Adam's moments (and SGD's momentum), running averages that change
+        by (1 - β) of their value per step: with β2 = 0.999, bfloat16's 2⁻⁸ spacing
+        would round each increment of v away, so it would stop following the gradient.
+        """
+        return []
+
     def init_state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Fresh state for ``params``: zero moments (and momentum buffer), step 0.
 
@@ -244,3 +254,136 @@ class LearnedCorrection(nn.Module):
         factor = torch.exp(math.log(self.max_scale) * torch.tanh(a))
         delta = -self.lr * (factor * direction + self.max_update * torch.tanh(b))
         return unflatten(theta + delta, params), new_state
+
+    @torch.no_grad()
+    def step_(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: MutableMapping[str, Tensor]) -> None:
+        """:meth:`step` in place, fused, without autograd: the deployed step.
+
+        Same mathematics as :meth:`step` to float rounding (the hidden layer's sums run in
+        another order, and compiled float32 kernels use a tanh a few ulp from
+        ``torch.tanh``). The two mirrored MLPs run as one of twice the width,
+        ``[W1; W1']`` then ``[W2, -W2']``; hidden units that the two copies still share
+        cancel exactly and are dropped, so a fresh optimizer costs what its base costs.
+        Each parameter tensor is one compiled loop (see :mod:`._fused`). Not
+        differentiable: use :meth:`step` for meta-training.
+
+        Args:
+            params: Updated in place.
+            grads: ∇f(θ_t), shaped like ``params``.
+            state: From :meth:`init_state` for ``params``; updated in place.
+        """
+        owner = type(self).__name__
+        keys = self.state_keys()
+        check_state(state, keys, sum(p.numel() for p in params), owner)
+        step = state["step"] + 1
+        dtype = state["exp_avg"].dtype
+        t = step.to(dtype)
+        # The reference computes the bias corrections in the state's dtype; so do we.
+        corrections = (1.0 - self.beta1**t, 1.0 - self.beta2**t)
+        weights = _fused.prepared(self, "merged_mlp", self._merged_mlp)
+        run = _fused.kernel(_correction_kernel, self._kernel_config(), eager_block=_EAGER_BLOCK)
+        for theta, grad, rows, commit in _fused.param_slices(params, grads, state, keys[1:], owner):
+            run((theta, grad, rows["exp_avg"], rows["exp_avg_sq"], rows.get("momentum_buffer")),
+                (*corrections, *weights))
+            commit()
+        state["step"].copy_(step)
+
+    def _kernel_config(self) -> _CorrectionConfig:
+        return _CorrectionConfig(self.base, self.lr, self.beta1, self.beta2, self.eps, self.momentum,
+                                 math.log(self.max_scale), self.max_update, self.grad_clip)
+
+    def _merged_mlp(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``net(x) - mirror(x)`` as one MLP: first-layer weights, biases, output weights, bias."""
+        w1 = torch.cat([self.net[0].weight, self.mirror[0].weight])
+        b1 = torch.cat([self.net[0].bias, self.mirror[0].bias])
+        w2 = torch.cat([self.net[2].weight, -self.mirror[2].weight], dim=1)
+        b2 = self.net[2].bias - self.mirror[2].bias
+        # Units with the same input weights compute the same activation: merge them by
+        # adding their output weights, and drop those whose output weights cancel.
+        units, inverse = torch.unique(torch.cat([w1, b1[:, None]], dim=1), dim=0, return_inverse=True)
+        merged = w2.new_zeros(2, units.shape[0]).index_add_(1, inverse, w2)
+        keep = (merged != 0).any(dim=0)
+        units, merged = units[keep], merged[:, keep]
+        return units[:, :NUM_FEATURES].contiguous(), units[:, NUM_FEATURES].contiguous(), merged.contiguous(), b2
+
+
+# Coordinates per block when the kernel runs eagerly: large enough that per-operator
+# overhead does not show, small enough that the hidden layer of a block stays in cache.
+# Compiled, a tensor is one loop with no intermediates, so it is not split.
+_EAGER_BLOCK = 1 << 16
+
+
+class _CorrectionConfig(NamedTuple):
+    base: str
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    momentum: float
+    log_max_scale: float
+    max_update: float
+    grad_clip: float | None
+
+
+def _correction_kernel(
+    theta: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    momentum_buffer: Tensor | None,
+    correction1: Tensor,
+    correction2: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    *,
+    config: _CorrectionConfig,
+    compiled: bool,
+) -> None:
+    """LearnedCorrection's step on a block of coordinates, in place (see ``step``)."""
+    c = config
+    dtype = exp_avg.dtype
+    g = grad.to(dtype)
+    if c.grad_clip is not None:
+        g = g.clamp(-c.grad_clip, c.grad_clip)
+    exp_avg_new = exp_avg * c.beta1 + g * (1.0 - c.beta1)
+    exp_avg_sq_new = exp_avg_sq * c.beta2 + g * g * (1.0 - c.beta2)
+    m_hat = exp_avg_new / correction1
+    v_hat = exp_avg_sq_new / correction2
+    inv_rms = torch.rsqrt(v_hat + c.eps**2)
+    if c.base == "adam":
+        direction = m_hat / (v_hat.sqrt() + c.eps)
+        direction_feature = direction
+    else:
+        direction = momentum_buffer * c.momentum + g
+        direction_feature = direction * ((1.0 - c.momentum) * inv_rms)
+    clip = _FEATURE_CLIP
+    features = [
+        (g * inv_rms).clamp(-clip, clip).to(w1.dtype),
+        (m_hat * inv_rms).clamp(-clip, clip).to(w1.dtype),
+        direction_feature.clamp(-clip, clip).to(w1.dtype),
+        (torch.sign(g) * torch.sign(exp_avg_new)).to(w1.dtype),
+    ]
+    if compiled:
+        # Unit by unit with scalar weights: inductor fuses the whole MLP into the loop
+        # over coordinates, with no hidden-layer tensor.
+        a, b = b2[0], b2[1]
+        for j in range(w1.shape[0]):
+            pre = b1[j] + w1[j, 0] * features[0] + w1[j, 1] * features[1] + w1[j, 2] * features[2]
+            hidden = _fused.tanh(pre + w1[j, 3] * features[3], compiled, bounded=False)
+            a = a + w2[0, j] * hidden
+            b = b + w2[1, j] * hidden
+        a = a.expand_as(features[0])
+        b = b.expand_as(features[0])
+    else:
+        hidden = torch.tanh(torch.addmm(b1, torch.stack(features, dim=-1), w1.t()))
+        out = torch.addmm(b2, hidden, w2.t())
+        a, b = out[:, 0], out[:, 1]
+    factor = torch.exp(c.log_max_scale * _fused.tanh(a.to(dtype), compiled))
+    delta = -c.lr * (factor * direction + c.max_update * _fused.tanh(b.to(dtype), compiled))
+    theta.copy_(theta.to(dtype) + delta)
+    exp_avg.copy_(exp_avg_new)
+    exp_avg_sq.copy_(exp_avg_sq_new)
+    if momentum_buffer is not None:
+        momentum_buffer.copy_(direction)

@@ -13,12 +13,13 @@ layer. The update is Δθ = output_scale · out and θ ← θ + Δθ.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, MutableMapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from . import _fused
 from ._flat import check_state, flatten, layout, unflatten
 
 __all__ = ["L2ODM", "log_sign_preprocess"]
@@ -75,6 +76,10 @@ class L2ODM(nn.Module):
     - ``"lstm_h_{l}"``, ``"lstm_c_{l}"`` for each layer l: ``(N, hidden_size)``,
       module dtype.
 
+    That is ``2 · num_layers · hidden_size`` numbers per coordinate (80 with the
+    defaults), each layer's recurrence; a deployment may keep them in a lower precision
+    (:meth:`reduced_precision_state_keys`).
+
     Args:
         hidden_size: Units of each LSTM layer.
         num_layers: Number of stacked LSTM layers.
@@ -129,6 +134,14 @@ class L2ODM(nn.Module):
         for layer in range(self.num_layers):
             keys += [f"lstm_h_{layer}", f"lstm_c_{layer}"]
         return keys
+
+    def reduced_precision_state_keys(self) -> list[str]:
+        """State a deployment may store in a lower precision: all of it but the step count.
+
+        The LSTM states are squashed by the gates at every step, so rounding them
+        between steps perturbs the next step's inputs by at most the rounding.
+        """
+        return self.state_keys()[1:]
 
     def init_state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Fresh state for ``params``: zero LSTM state, step 0.
@@ -192,3 +205,58 @@ class L2ODM(nn.Module):
 
         delta = (self.output_scale * self.output_layer(x).squeeze(-1)).to(theta.dtype)
         return unflatten(theta + delta, params), new_state
+
+    @torch.no_grad()
+    def step_(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: MutableMapping[str, Tensor]) -> None:
+        """:meth:`step` in place, fused, without autograd: the deployed step.
+
+        Same mathematics as :meth:`step` to float rounding (the gates' sums run in
+        another order, and compiled float32 kernels use a tanh a few ulp from
+        ``torch.tanh``). Each parameter tensor runs in blocks of coordinates: the
+        preprocessing, one matrix product per LSTM layer for all four gates, and the
+        gate arithmetic, state writes and update fused around them (see
+        :mod:`._fused`). The LSTM states may be stored in another dtype (bfloat16, say).
+        Not differentiable: use :meth:`step` for meta-training.
+
+        Args:
+            params: Updated in place.
+            grads: ∇f(θ_t), shaped like ``params``.
+            state: From :meth:`init_state` for ``params``; updated in place.
+        """
+        owner = type(self).__name__
+        keys = self.state_keys()
+        check_state(state, keys, sum(p.numel() for p in params), owner)
+        weights = _fused.prepared(self, "deployed", self._deployed_weights)
+        # The reference works in the dtype the params promote to; so does the kernel.
+        config = _L2ODMConfig(self.num_layers, self.preprocess_p, self.output_scale, layout(params)[1])
+        run = _fused.kernel(_l2o_dm_kernel, config, compiled_block=_BLOCK, eager_block=_EAGER_BLOCK)
+        for theta, grad, rows, commit in _fused.param_slices(params, grads, state, keys[1:], owner):
+            run((theta, grad, *(rows[key] for key in keys[1:])), weights)
+            commit()
+        state["step"].add_(1)
+
+    def _deployed_weights(self) -> list[Tensor]:
+        return [*_fused.lstm_weights(self.cells), self.output_layer.weight[0].contiguous(), self.output_layer.bias]
+
+
+# Coordinates per block of the deployed step (see rnnprop's).
+_BLOCK = 2048
+_EAGER_BLOCK = 1 << 14
+
+
+class _L2ODMConfig(NamedTuple):
+    num_layers: int
+    preprocess_p: float
+    output_scale: float
+    dtype: torch.dtype
+
+
+def _l2o_dm_kernel(theta: Tensor, grad: Tensor, *args: Tensor, config: _L2ODMConfig, compiled: bool) -> None:
+    """L2O-DM's step on a block of coordinates, in place (see ``L2ODM.step``)."""
+    states, weights = args[: 2 * config.num_layers], args[2 * config.num_layers:]
+    lstm, (w_out, b_out) = weights[:-2], weights[-2:]
+    dtype = config.dtype
+    features = log_sign_preprocess(grad.to(dtype), config.preprocess_p).to(lstm[0].dtype)
+    x = _fused.lstm_stack(features.t(), states, lstm, compiled)
+    out = (w_out[:, None] * x).sum(dim=0) + b_out
+    theta.copy_(theta.to(dtype) + (config.output_scale * out).to(dtype))

@@ -15,20 +15,21 @@ step direction, normalized by its RMS over the tensor, times a learned per-coord
 learning rate η, and θ ← θ + η · d̂.
 
 All N coordinates run as one batch. Per-tensor means use a segment index (the tensor
-each coordinate belongs to) built once by ``init_state`` and kept in the state, so a
-step issues the same kernels whether the optimizee has one tensor or a thousand.
+each coordinate belongs to), built from the params' sizes and cached, so a step issues
+the same kernels whether the optimizee has one tensor or a thousand.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, MutableMapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FlatL2OError
+from . import _fused
 from ._flat import check_state, flatten, layout, unflatten
 
 __all__ = ["L2OScale", "multiscale_features", "segment_mean", "gru_with_input_bias"]
@@ -207,12 +208,16 @@ class L2OScale(nn.Module):
     timescales):
 
     - ``"step"``: int64 scalar, the number of steps taken.
-    - ``"segment"``: ``(N,)`` int64, the index of each coordinate's tensor.
     - ``"grad_avg"``, ``"grad_sq_avg"``: ``(N, S)`` m and v at each timescale, params
       dtype.
     - ``"lr_offset"``: ``(N,)`` u, the per-coordinate part of log η, module dtype.
     - ``"param_h"``: ``(N, hidden_size)``, ``"tensor_h"``: ``(T, tensor_hidden_size)``,
       ``"global_h"``: ``(1, global_hidden_size)``; module dtype.
+
+    That is ``2S + 1 + hidden_size`` numbers per coordinate (17 with the defaults); each
+    is a running average or a recurrence a step reads. Which coordinates form a tensor
+    is read from the params' sizes at each step, not stored. A deployment may keep
+    ``param_h`` in a lower precision (:meth:`reduced_precision_state_keys`).
 
     Args:
         hidden_size: Units of the parameter GRU, the network run on every coordinate
@@ -304,6 +309,7 @@ class L2OScale(nn.Module):
             if self.shortcut is not None:
                 self.shortcut.weight.fill_(-1.0 / timescales)
         self._decay_cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._segment_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def extra_repr(self) -> str:
         return (
@@ -314,7 +320,17 @@ class L2OScale(nn.Module):
 
     def state_keys(self) -> list[str]:
         """The keys of the state dict, in the order :meth:`init_state` creates them."""
-        return ["step", "segment", "grad_avg", "grad_sq_avg", "lr_offset", "param_h", "tensor_h", "global_h"]
+        return ["step", "grad_avg", "grad_sq_avg", "lr_offset", "param_h", "tensor_h", "global_h"]
+
+    def reduced_precision_state_keys(self) -> list[str]:
+        """State a deployment may store in a lower precision: the parameter GRU's state.
+
+        A GRU state is a convex mix of its last value and a tanh, so rounding it between
+        steps perturbs the next step's inputs by at most the rounding. The moments and
+        the smoothed learning-rate offset are running averages whose per-step increments
+        ((1 - β) of their value) a 2⁻⁸-spaced bfloat16 would lose, so they stay as they are.
+        """
+        return ["param_h"]
 
     def context_weights(self) -> list[nn.Parameter]:
         """The weights through which other tensors reach a coordinate's update."""
@@ -322,9 +338,6 @@ class L2OScale(nn.Module):
 
     def init_state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Fresh state for ``params``: zero moments, RNN states and lr offsets, step 0.
-
-        The per-tensor structure is read here, once: the segment index maps every
-        coordinate of the flattened params to its tensor.
 
         Args:
             params: The optimizee's parameters (only shapes, dtype and device are read).
@@ -334,13 +347,9 @@ class L2OScale(nn.Module):
         """
         num, dtype, device = layout(params)
         weight_dtype = self.log_lr_head.weight.dtype
-        sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
-        # output_size spares an accelerator the sync that would compute it.
-        segment = torch.repeat_interleave(torch.arange(len(params), device=device), sizes, output_size=num)
         timescales = len(self.momentum_decays)
         return {
             "step": torch.zeros((), dtype=torch.int64, device=device),
-            "segment": segment,
             "grad_avg": torch.zeros(num, timescales, dtype=dtype, device=device),
             "grad_sq_avg": torch.zeros(num, timescales, dtype=dtype, device=device),
             "lr_offset": torch.zeros(num, dtype=weight_dtype, device=device),
@@ -377,23 +386,11 @@ class L2OScale(nn.Module):
         theta = flatten(params)
         grad = flatten(grads).to(theta.dtype)
         owner = type(self).__name__
-        per_coordinate = ["step", "segment", "grad_avg", "grad_sq_avg", "lr_offset", "param_h"]
-        check_state(state, per_coordinate, theta.numel(), owner)
-        for key in ("tensor_h", "global_h"):
-            if key not in state:
-                raise FlatL2OError(
-                    f"{owner}.step(): state has no {key!r} (keys: {sorted(state)}); "
-                    f"build it with {owner}.init_state(params)"
-                )
-        num_tensors = state["tensor_h"].shape[0]
-        if num_tensors != len(params):
-            raise FlatL2OError(
-                f"{owner}.step(): the state was built for {num_tensors} tensors but got "
-                f"{len(params)}; call {owner}.init_state(params) for these params"
-            )
+        self._check_state(state, params, theta.numel(), "step")
+        num_tensors = len(params)
 
         weight_dtype = self.log_lr_head.weight.dtype
-        segment = state["segment"]
+        segment = self._segment(params, theta.device)
         # index_add into a buffer of known size, not bincount, which reads the largest
         # index back to the host. An empty tensor counts as 1 so that its (unused) mean
         # is 0, not NaN, and cannot poison the tensor and global RNNs.
@@ -442,7 +439,6 @@ class L2OScale(nn.Module):
         delta = (torch.exp(log_lr) * direction).to(theta.dtype)
         new_state = {
             "step": step,
-            "segment": segment,
             "grad_avg": grad_avg,
             "grad_sq_avg": grad_sq_avg,
             "lr_offset": lr_offset,
@@ -451,6 +447,127 @@ class L2OScale(nn.Module):
             "global_h": new_global_h,
         }
         return unflatten(theta + delta, params), new_state
+
+    @torch.no_grad()
+    def step_(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: MutableMapping[str, Tensor]) -> None:
+        """:meth:`step` in place, fused, without autograd: the deployed step.
+
+        Same mathematics as :meth:`step` to float rounding (sums in another order, and
+        compiled float32 kernels use a rational tanh a few ulp from ``torch.tanh``). Each tensor runs in blocks of coordinates: the multiscale
+        features, one matrix product for the parameter GRU's gates and its arithmetic
+        fused around it, writing the new state and the raw direction; then the tensor
+        and global GRUs on the per-tensor means, and a second pass scales the direction
+        by its RMS and the learned rate into the params (see :mod:`._fused`). The
+        parameter GRU's state may be stored in another dtype. Not differentiable: use
+        :meth:`step` for meta-training.
+
+        Args:
+            params: Updated in place, the same tensors :meth:`init_state` saw.
+            grads: ∇f(θ_t), shaped like ``params``.
+            state: From :meth:`init_state` for ``params``; updated in place.
+        """
+        num = sum(p.numel() for p in params)
+        self._check_state(state, params, num, "step_")
+        weight_dtype = self.log_lr_head.weight.dtype
+        step = state["step"] + 1
+        dtype = state["grad_avg"].dtype
+        decays = self._decays(state["grad_avg"])
+        corrections = 1.0 - decays ** step.to(dtype)
+        w = _fused.prepared(self, "deployed", self._deployed_weights)
+        tensor_h, global_h = state["tensor_h"].to(weight_dtype), state["global_h"].to(weight_dtype)
+        # Context from the previous step's tensor and global states, one row per tensor,
+        # laid out as the kernel's gate rows: [r, z | input part of n | hidden part of n].
+        context = self.tensor_to_param(tensor_h) + self.global_to_param(global_h)
+        rz, n = context.split([2 * self.hidden_size, self.hidden_size], dim=1)
+        biases = torch.cat([w.bias_rz + rz, w.bias_xn + n, w.bias_hn.expand_as(n)], dim=1)
+        config = _ScaleConfig(len(self.momentum_decays), self.eps, self.lr_momentum, self.relative_lr,
+                              self.gradient_shortcut)
+        first = _fused.kernel(_l2o_scale_state_kernel, config, compiled_block=_BLOCK, eager_block=_EAGER_BLOCK)
+        second = _fused.kernel(_l2o_scale_update_kernel, None)
+        keys = ["grad_avg", "grad_sq_avg", "lr_offset", "param_h"]
+        slices = list(_fused.param_slices(params, grads, state, keys, type(self).__name__))
+        directions = torch.empty(num, dtype=weight_dtype, device=state["param_h"].device)
+        sums = torch.zeros(len(params), self.hidden_size, dtype=weight_dtype, device=directions.device)
+        mean_squares = torch.zeros(len(params), dtype=weight_dtype, device=directions.device)
+        offset = 0
+        for index, (theta, grad, rows, _) in enumerate(slices):
+            count = theta.numel()
+            direction = directions[offset:offset + count]
+            offset += count
+            if count == 0:
+                continue  # its mean stays 0, as in step()
+            # The relative learning rate compares each offset with its tensor's mean.
+            lr_mean = rows["lr_offset"].to(weight_dtype).mean()
+            first((grad, rows["grad_avg"], rows["grad_sq_avg"], rows["lr_offset"], rows["param_h"], direction),
+                  (decays, corrections, lr_mean, biases[index], w.gates, w.head, w.shortcut))
+            sums[index] = rows["param_h"].to(weight_dtype).sum(dim=0)
+            if self.normalize_direction:
+                mean_squares[index] = torch.dot(direction, direction) / count
+        counts = torch.tensor([max(p.numel(), 1) for p in params], dtype=weight_dtype, device=sums.device)
+        new_tensor_h = gru_with_input_bias(self.tensor_cell, sums / counts[:, None], tensor_h,
+                                           self.global_to_tensor(global_h))
+        new_global_h = gru_with_input_bias(self.global_cell, new_tensor_h.mean(dim=0, keepdim=True), global_h, None)
+        scales = torch.rsqrt(mean_squares + _RMS_FLOOR) if self.normalize_direction else torch.ones_like(mean_squares)
+        offset = 0
+        for index, (theta, _, rows, commit) in enumerate(slices):
+            count = theta.numel()
+            second((theta, directions[offset:offset + count], rows["lr_offset"]),
+                   (scales[index], self.log_lr_head.bias[0]))
+            offset += count
+            commit()
+        state["tensor_h"].copy_(new_tensor_h)
+        state["global_h"].copy_(new_global_h)
+        state["step"].copy_(step)
+
+    def _deployed_weights(self) -> _ScaleWeights:
+        h = self.hidden_size
+        cell = self.param_cell
+        w_ih, w_hh = cell.weight_ih, cell.weight_hh
+        # One matrix for the gates of a block, [x; h] -> [r, z | W_in x | W_hn h]: r and z
+        # sum both parts, while n needs them apart (n = tanh(x_n + r * h_n)).
+        gates = torch.zeros(4 * h, w_ih.shape[1] + h, dtype=w_ih.dtype, device=w_ih.device)
+        gates[: 2 * h, : w_ih.shape[1]] = w_ih[: 2 * h]
+        gates[: 2 * h, w_ih.shape[1]:] = w_hh[: 2 * h]
+        gates[2 * h: 3 * h, : w_ih.shape[1]] = w_ih[2 * h:]
+        gates[3 * h:, w_ih.shape[1]:] = w_hh[2 * h:]
+        shortcut = (self.shortcut.weight[0] if self.shortcut is not None
+                    else w_ih.new_zeros(len(self.momentum_decays)))
+        return _ScaleWeights(
+            gates=gates,
+            bias_rz=cell.bias_ih[: 2 * h] + cell.bias_hh[: 2 * h],
+            bias_xn=cell.bias_ih[2 * h:],
+            bias_hn=cell.bias_hh[2 * h:],
+            head=torch.stack([self.direction.weight[0], self.log_lr_head.weight[0]]),
+            shortcut=shortcut.contiguous(),
+        )
+
+    def _check_state(self, state: Mapping[str, Tensor], params: Sequence[Tensor], num: int, method: str) -> None:
+        owner = type(self).__name__
+        check_state(state, ["step", "grad_avg", "grad_sq_avg", "lr_offset", "param_h"], num, owner)
+        for key in ("tensor_h", "global_h"):
+            if key not in state:
+                raise FlatL2OError(
+                    f"{owner}.{method}(): state has no {key!r} (keys: {sorted(state)}); "
+                    f"build it with {owner}.init_state(params)"
+                )
+        if state["tensor_h"].shape[0] != len(params):
+            raise FlatL2OError(
+                f"{owner}.{method}(): the state was built for {state['tensor_h'].shape[0]} tensors but got "
+                f"{len(params)}; call {owner}.init_state(params) for these params"
+            )
+
+    def _segment(self, params: Sequence[Tensor], device: torch.device) -> Tensor:
+        """The index of each coordinate's tensor, cached for the last few layouts."""
+        key = (tuple(p.numel() for p in params), device)
+        segment = self._segment_cache.pop(key, None)
+        if segment is None:
+            sizes = torch.tensor(key[0], dtype=torch.int64, device=device)
+            # output_size spares an accelerator the sync that would compute it.
+            segment = torch.repeat_interleave(torch.arange(len(params), device=device), sizes, output_size=sum(key[0]))
+        self._segment_cache[key] = segment  # most recent last
+        while len(self._segment_cache) > _SEGMENT_CACHE_SIZE:
+            self._segment_cache.pop(next(iter(self._segment_cache)))
+        return segment
 
     def _decays(self, like: Tensor) -> Tensor:
         # Built once per dtype and device: a fresh host-to-device copy on every step
@@ -461,3 +578,95 @@ class L2OScale(nn.Module):
             decays = torch.tensor(self.momentum_decays, dtype=like.dtype, device=like.device)
             self._decay_cache[key] = decays
         return decays
+
+
+# Layouts whose segment index is kept: a meta-training run cycles through a few tasks.
+_SEGMENT_CACHE_SIZE = 4
+# Coordinates per block of the deployed step's first pass (see rnnprop's). Its gates are
+# half as many as an LSTM's, so twice as many rows fit the cache and fewer calls pay
+# the compiled call's overhead.
+_BLOCK = 4096
+_EAGER_BLOCK = 1 << 14
+
+
+class _ScaleConfig(NamedTuple):
+    timescales: int
+    eps: float
+    lr_momentum: float
+    relative_lr: bool
+    gradient_shortcut: bool
+
+
+class _ScaleWeights(NamedTuple):
+    gates: Tensor  # (4H, F + H), rows [r, z | x_n | h_n]
+    bias_rz: Tensor
+    bias_xn: Tensor
+    bias_hn: Tensor
+    head: Tensor  # (2, H): direction and log-lr weights
+    shortcut: Tensor  # (S,), zeros without the shortcut
+
+
+def _l2o_scale_state_kernel(
+    grad: Tensor,
+    grad_avg: Tensor,
+    grad_sq_avg: Tensor,
+    lr_offset: Tensor,
+    param_h: Tensor,
+    direction: Tensor,
+    decays: Tensor,
+    corrections: Tensor,
+    lr_mean: Tensor,
+    bias: Tensor,
+    gates: Tensor,
+    head: Tensor,
+    shortcut: Tensor,
+    *,
+    config: _ScaleConfig,
+    compiled: bool,
+) -> None:
+    """First pass of L2O-Scale's step on a block of one tensor, in place (see ``L2OScale.step``).
+
+    Writes the moments, the parameter GRU's state, the smoothed lr offset and the raw
+    (unnormalized) direction.
+    """
+    c = config
+    dtype = grad_avg.dtype
+    weight_dtype = gates.dtype
+    g = grad.to(dtype)[:, None]
+    m = grad_avg * decays + g * (1.0 - decays)
+    v = grad_sq_avg * decays + (g * g) * (1.0 - decays)
+    m_hat = m / corrections
+    v_hat = v / corrections
+    momentum = m_hat / (v_hat.sqrt() + c.eps)
+    log_v = torch.log(v_hat + _LOG_FLOOR)
+    magnitude = log_v - log_v.mean(dim=-1, keepdim=True)
+    lr_prev = lr_offset.to(weight_dtype)
+    features = [momentum.to(weight_dtype).t(), magnitude.to(weight_dtype).t()]
+    if c.relative_lr:
+        features.append((lr_prev - lr_mean)[None, :])
+    h = param_h.to(weight_dtype).t()
+    hidden = h.shape[0]
+    pre = torch.addmm(bias[:, None], gates, torch.cat([*features, h], dim=0))
+    reset = torch.sigmoid(pre[:hidden])
+    keep = torch.sigmoid(pre[hidden: 2 * hidden])
+    candidate = _fused.tanh(pre[2 * hidden: 3 * hidden] + reset * pre[3 * hidden:], compiled, bounded=False)
+    h_new = candidate + keep * (h - candidate)
+    raw = (head[0][:, None] * h_new).sum(dim=0)
+    if c.gradient_shortcut:
+        raw = raw + (shortcut[:, None] * features[0]).sum(dim=0)
+    lr_new = c.lr_momentum * lr_prev + (1.0 - c.lr_momentum) * (head[1][:, None] * h_new).sum(dim=0)
+    grad_avg.copy_(m)
+    grad_sq_avg.copy_(v)
+    param_h.copy_(h_new.t())
+    lr_offset.copy_(lr_new)
+    direction.copy_(raw)
+
+
+def _l2o_scale_update_kernel(
+    theta: Tensor, direction: Tensor, lr_offset: Tensor, scale: Tensor, log_lr_bias: Tensor,
+    *, config: None, compiled: bool,
+) -> None:
+    """Second pass: θ += exp(b_η + u) · d / RMS(d) on a block of one tensor."""
+    dtype = theta.dtype
+    delta = (torch.exp(log_lr_bias + lr_offset.to(direction.dtype)) * (direction * scale)).to(dtype)
+    theta.copy_(theta + delta)

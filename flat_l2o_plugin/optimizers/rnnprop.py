@@ -16,13 +16,14 @@ chooses the sign, and α bounds every step.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, MutableMapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from . import _fused
 from ._flat import check_state, flatten, layout, unflatten
 
 __all__ = ["RNNProp", "adam_features"]
@@ -88,10 +89,11 @@ class RNNProp(nn.Module):
     features are invariant to a positive rescaling of g (up to ε), in practice the
     network sees the same inputs while its steps land c_i times larger or smaller: it
     must learn step sizes that hold up across curvature scales rather than memorise the
-    scale of the training problems. c is drawn by :meth:`init_state` and kept in the
-    state under ``"scale"`` (ones when not drawn), so truncated unrolls of one trajectory
-    share it. It is applied only while ``self.training`` is true and ``random_scaling >
-    0``; in eval mode, or with ``random_scaling=0``, ``"scale"`` is ignored. The paper's
+    scale of the training problems. With ``random_scaling > 0``, c is drawn by
+    :meth:`init_state` and kept in the state under ``"scale"`` (ones when built in eval
+    mode), so truncated unrolls of one trajectory share it; with ``random_scaling=0``
+    the state has no ``"scale"``. It is applied only while ``self.training`` is true; in
+    eval mode ``"scale"`` is ignored. The paper's
     other trick (adding a convex term to the optimizee) belongs to the task, not here.
 
     The LSTM runs in the dtype of the module's weights; features are cast to it and the
@@ -106,7 +108,13 @@ class RNNProp(nn.Module):
     - ``"exp_avg"``, ``"exp_avg_sq"``: ``(N,)`` moments m and v, params dtype.
     - ``"lstm_h_{l}"``, ``"lstm_c_{l}"`` for each layer l: ``(N, hidden_size)``,
       module dtype.
-    - ``"scale"``: ``(N,)`` random-scaling factors c, params dtype.
+    - ``"scale"`` (only with ``random_scaling > 0``): ``(N,)`` random-scaling factors c,
+      params dtype.
+
+    That is ``2 + 2 · num_layers · hidden_size`` numbers per coordinate (82 with the
+    defaults, against Adam's 2), all of which a step needs: the moments feed the inputs
+    and each layer's h and c are its recurrence. The LSTM states are also what a
+    deployment may keep in a lower precision (:meth:`reduced_precision_state_keys`).
 
     Args:
         hidden_size: Units of the input layer and of each LSTM layer.
@@ -180,7 +188,18 @@ class RNNProp(nn.Module):
         keys = ["step", "exp_avg", "exp_avg_sq"]
         for layer in range(self.num_layers):
             keys += [f"lstm_h_{layer}", f"lstm_c_{layer}"]
-        return keys + ["scale"]
+        return keys + ["scale"] if self.random_scaling > 0.0 else keys
+
+    def reduced_precision_state_keys(self) -> list[str]:
+        """State a deployment may store in a lower precision: the LSTM states.
+
+        They are squashed by the gates at every step, so rounding them between steps
+        perturbs the next step's inputs by at most the rounding. The moments are running
+        averages that change by (1 - β) of their value per step; rounded to bfloat16
+        (relative spacing 2⁻⁸) their small increments would be lost, so they stay in the
+        params' dtype.
+        """
+        return [f"lstm_{kind}_{layer}" for layer in range(self.num_layers) for kind in ("h", "c")]
 
     def init_state(
         self, params: Sequence[Tensor], *, generator: torch.Generator | None = None
@@ -213,7 +232,7 @@ class RNNProp(nn.Module):
         if self._scaling_active():
             u = torch.rand(num, generator=generator, dtype=dtype, device=device)
             state["scale"] = torch.exp((2.0 * u - 1.0) * self.random_scaling)
-        else:
+        elif self.random_scaling > 0.0:
             state["scale"] = torch.ones(num, dtype=dtype, device=device)
         return state
 
@@ -272,13 +291,103 @@ class RNNProp(nn.Module):
             new_state[f"lstm_h_{layer}"] = h
             new_state[f"lstm_c_{layer}"] = c
             x = h
-        new_state["scale"] = state["scale"]
+        if "scale" in state:
+            new_state["scale"] = state["scale"]
 
         delta = (self.output_scale * torch.tanh(self.output_layer(x).squeeze(-1))).to(theta.dtype)
         if scale is not None:
             delta = delta * scale  # θ = c ⊙ θ', so a step Δθ' moves θ by c ⊙ Δθ'
         return unflatten(theta + delta, params), new_state
 
+    @torch.no_grad()
+    def step_(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: MutableMapping[str, Tensor]) -> None:
+        """:meth:`step` in place, fused, without autograd: the deployed step.
+
+        Same mathematics as :meth:`step` to float rounding (the gates' sums run in
+        another order, and compiled float32 kernels use a tanh a few ulp from
+        ``torch.tanh``). Each parameter tensor runs in blocks of coordinates: the input
+        features and layer, one matrix product per LSTM layer for all four gates, and
+        the gate arithmetic, state writes and update fused around them (see
+        :mod:`._fused`). The LSTM states may be stored in another dtype (bfloat16, say);
+        they are read into the weights' dtype and rounded back when written. Not
+        differentiable: use :meth:`step` for meta-training.
+
+        Args:
+            params: Updated in place.
+            grads: ∇f(θ_t), shaped like ``params``.
+            state: From :meth:`init_state` for ``params``; updated in place.
+        """
+        owner = type(self).__name__
+        keys = self.state_keys()
+        check_state(state, keys, sum(p.numel() for p in params), owner)
+        step = state["step"] + 1
+        t = step.to(state["exp_avg"].dtype)
+        corrections = (1.0 - self.beta1**t, 1.0 - self.beta2**t)
+        weights = _fused.prepared(self, "deployed", self._deployed_weights)
+        config = _RNNPropConfig(self.num_layers, self.beta1, self.beta2, self.eps, self.output_scale)
+        run = _fused.kernel(_rnnprop_kernel, config, compiled_block=_BLOCK, eager_block=_EAGER_BLOCK)
+        scaled = self._scaling_active()
+        lstm_keys = self.reduced_precision_state_keys()
+        for theta, grad, rows, commit in _fused.param_slices(params, grads, state, keys[1:], owner):
+            run((theta, grad, rows["exp_avg"], rows["exp_avg_sq"], rows["scale"] if scaled else None,
+                 *(rows[key] for key in lstm_keys)), (*corrections, *weights))
+            commit()
+        state["step"].copy_(step)
+
+    def _deployed_weights(self) -> list[Tensor]:
+        return [self.input_layer.weight.contiguous(), self.input_layer.bias, *_fused.lstm_weights(self.cells),
+                self.output_layer.weight[0].contiguous(), self.output_layer.bias]
+
     def _scaling_active(self) -> bool:
         return self.training and self.random_scaling > 0.0
+
+
+# Coordinates per block of the deployed step, compiled: a block's stacked inputs and
+# gates (6·H floats a row) stay in a core's L2 cache between the matrix product and the
+# gate arithmetic. Eagerly, each operator's overhead is paid per block, so blocks are larger.
+_BLOCK = 2048
+_EAGER_BLOCK = 1 << 14
+
+
+class _RNNPropConfig(NamedTuple):
+    num_layers: int
+    beta1: float
+    beta2: float
+    eps: float
+    output_scale: float
+
+
+def _rnnprop_kernel(
+    theta: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    scale: Tensor | None,
+    *args: Tensor,
+    config: _RNNPropConfig,
+    compiled: bool,
+) -> None:
+    """RNNProp's step on a block of coordinates, in place (see ``RNNProp.step``)."""
+    c = config
+    states = args[: 2 * c.num_layers]
+    correction1, correction2, w_in, b_in, *rest = args[2 * c.num_layers:]
+    lstm, (w_out, b_out) = rest[:-2], rest[-2:]
+    dtype = exp_avg.dtype
+    g = grad.to(dtype)
+    if scale is not None:
+        g = g * scale.to(dtype)
+    exp_avg_new = exp_avg * c.beta1 + g * (1.0 - c.beta1)
+    exp_avg_sq_new = exp_avg_sq * c.beta2 + g * g * (1.0 - c.beta2)
+    inv_denom = 1.0 / ((exp_avg_sq_new / correction2).sqrt() + c.eps)
+    momentum = ((exp_avg_new / correction1) * inv_denom).to(w_in.dtype)
+    normalized = (g * inv_denom).to(w_in.dtype)
+    x = _fused.elu(w_in[:, 0:1] * momentum + w_in[:, 1:2] * normalized + b_in[:, None], compiled)
+    x = _fused.lstm_stack(x, states, lstm, compiled)
+    out = (w_out[:, None] * x).sum(dim=0) + b_out
+    delta = (c.output_scale * _fused.tanh(out, compiled)).to(dtype)
+    if scale is not None:
+        delta = delta * scale.to(dtype)
+    theta.copy_(theta.to(dtype) + delta)
+    exp_avg.copy_(exp_avg_new)
+    exp_avg_sq.copy_(exp_avg_sq_new)
 

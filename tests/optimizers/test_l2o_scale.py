@@ -17,7 +17,7 @@ from flat_l2o_plugin.optimizers.l2o_scale import gru_with_input_bias, multiscale
 from flat_l2o_plugin.protocols import LearnedOptimizer
 from flat_l2o_plugin.testing.optimizers import random_quadratics
 
-STATE_KEYS = ["step", "segment", "grad_avg", "grad_sq_avg", "lr_offset", "param_h", "tensor_h", "global_h"]
+STATE_KEYS = ["step", "grad_avg", "grad_sq_avg", "lr_offset", "param_h", "tensor_h", "global_h"]
 
 
 def separable_grads(params: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,7 +72,6 @@ def test_state_layout() -> None:
     state = opt.init_state(params)
     assert list(state) == STATE_KEYS == opt.state_keys()
     assert state["step"].shape == () and state["step"].dtype == torch.int64
-    assert state["segment"].tolist() == [0] * 6 + [1] * 7 + [2]
     expected = {
         "grad_avg": ((14, 3), torch.float64), "grad_sq_avg": ((14, 3), torch.float64),
         "lr_offset": ((14,), torch.float32), "param_h": ((14, 10), torch.float32),
@@ -84,7 +83,6 @@ def test_state_layout() -> None:
     new_params, state = run(opt, params, [torch.zeros_like(p) for p in params], steps=3, state=state)
     assert [p.dtype for p in new_params] == [torch.float32, torch.float64, torch.float32]
     assert list(state) == STATE_KEYS and int(state["step"]) == 3
-    assert state["segment"].tolist() == [0] * 6 + [1] * 7 + [2]
 
 
 def test_input_state_is_not_mutated(checks) -> None:
@@ -409,7 +407,7 @@ def test_state_for_other_params_is_rejected_with_the_fix() -> None:
     state = opt.init_state([torch.zeros(5)])
     with pytest.raises(FlatL2OError, match=r"init_state\(params\)"):
         opt.step([torch.zeros(6)], [torch.zeros(6)], state)
-    # Same number of coordinates, different tensors: the segment index would be wrong.
+    # Same number of coordinates, different tensors: the per-tensor states would not fit.
     with pytest.raises(FlatL2OError, match=r"built for 1 tensors but got 2"):
         opt.step([torch.zeros(2), torch.zeros(3)], [torch.zeros(2), torch.zeros(3)], state)
     with pytest.raises(FlatL2OError, match="no 'tensor_h'"):

@@ -19,7 +19,6 @@ STATE_KEYS = [
     "lstm_c_0",
     "lstm_h_1",
     "lstm_c_1",
-    "scale",
 ]
 
 
@@ -152,10 +151,15 @@ def test_update_is_output_scale_times_tanh() -> None:
     torch.testing.assert_close(new - params[0], torch.full((10,), 0.03 * math.tanh(0.5)))
 
 
-def test_random_scaling_is_off_by_default() -> None:
+def test_random_scaling_is_off_by_default_and_then_stores_no_factors() -> None:
     opt = RNNProp().train()
     state = opt.init_state([torch.randn(50)])
-    assert torch.equal(state["scale"], torch.ones(50))
+    assert "scale" not in state and opt.state_keys() == STATE_KEYS
+    # 2 moments and h, c of each layer: what every step reads, and nothing else.
+    assert sum(v[0].numel() for k, v in state.items() if k != "step") == 2 + 2 * 2 * 20
+    on = RNNProp(random_scaling=1.0)
+    assert on.state_keys() == [*STATE_KEYS, "scale"]
+    assert torch.equal(on.eval().init_state([torch.randn(50)])["scale"], torch.ones(50))
 
 
 def _twin(random_scaling: float) -> tuple[RNNProp, RNNProp]:
