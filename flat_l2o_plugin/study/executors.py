@@ -362,7 +362,7 @@ class DaskExecutor(Executor):
                 # Dask's nanny sets OMP/MKL/OpenBLAS threads to 1 in every worker it starts.
                 self._cluster = distributed.LocalCluster(
                     n_workers=self.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=None, silence_logs=logging.ERROR)
+                    dashboard_address=":0", silence_logs=logging.ERROR)
                 self.client = distributed.Client(self._cluster)
             else:
                 self.client = distributed.Client(f"tcp://{self.address}", timeout="30s")

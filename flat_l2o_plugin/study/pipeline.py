@@ -41,7 +41,10 @@ from .jobs import Job, JobCache, JobFailure, StudyJobError, pending
 from .progress import Progress
 from .regime import Candidate, Regime, resolve_picks
 
-__all__ = ["Study", "run_study", "eval_seed"]
+__all__ = ["WALL_CLOCK_FIELDS", "Study", "eval_seed", "run_study", "without_wall_clock"]
+
+WALL_CLOCK_FIELDS = ("seconds", "wall_seconds", "job_seconds")
+"""The fields of results.json that time things; all else is the same wherever the jobs ran."""
 
 Log = Callable[[str], None]
 
@@ -49,6 +52,15 @@ Log = Callable[[str], None]
 def eval_seed(meta_seed_index: int, eval_index: int, eval_seeds: int) -> int:
     """The optimizee seed of the ``eval_index``-th evaluation of the ``meta_seed_index``-th meta-seed."""
     return EVAL_SEEDS_START + meta_seed_index * eval_seeds + eval_index
+
+
+def without_wall_clock(results: Any) -> Any:
+    """``results`` without its :data:`WALL_CLOCK_FIELDS`, at any depth: what two executors must agree on."""
+    if isinstance(results, Mapping):
+        return {k: without_wall_clock(v) for k, v in results.items() if k not in WALL_CLOCK_FIELDS}
+    if isinstance(results, list):
+        return [without_wall_clock(v) for v in results]
+    return results
 
 
 def _mean(values: Iterable[float]) -> float:

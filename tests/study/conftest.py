@@ -13,10 +13,10 @@ import pytest
 
 from flat_l2o_plugin.study import builtin_regime, load_regime, run_study
 from flat_l2o_plugin.study.executors import LocalExecutor
+from flat_l2o_plugin.study.pipeline import without_wall_clock
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE / "tiny_regime.toml"
-WALL_CLOCK = ("seconds", "wall_seconds", "job_seconds")
 
 
 class CountingExecutor(LocalExecutor):
@@ -29,15 +29,6 @@ class CountingExecutor(LocalExecutor):
     def run(self, jobs, cache_dir, on_done=None):
         self.ran += list(jobs)
         return super().run(jobs, cache_dir, on_done)
-
-
-def without_wall_clock(value: Any) -> Any:
-    """``value`` without the fields that record wall-clock time (at any depth)."""
-    if isinstance(value, dict):
-        return {k: without_wall_clock(v) for k, v in value.items() if k not in WALL_CLOCK}
-    if isinstance(value, list):
-        return [without_wall_clock(v) for v in value]
-    return value
 
 
 @pytest.fixture(scope="session")

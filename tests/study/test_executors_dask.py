@@ -126,7 +126,7 @@ def test_a_remote_worker_that_cannot_use_the_study_folder_is_refused(tmp_path, c
     (out / "cache").mkdir(parents=True)
     # The worker sees, at the same path, an empty file system or a read-only one.
     mount = f"mount -t tmpfs tmpfs {out}" if view == "not shared" else f"mount --bind -o ro {out} {out}"
-    with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as scheduler:
+    with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as scheduler:
         address = scheduler.scheduler_address
         worker = subprocess.Popen(
             ["unshare", "-m", "sh", "-c", f"{mount} && exec {sys.executable} -m distributed.cli.dask_worker "

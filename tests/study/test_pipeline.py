@@ -106,6 +106,13 @@ def test_an_untrained_is_that_is_another_update_is_refused(variant):
         run_study(_variant(untrained_is="adam"), out, executor=LocalExecutor(workers=1))
 
 
+def test_the_report_of_a_study_without_flatness_measures_has_its_figure(tiny, tmp_path):
+    _, results, _ = tiny
+    unmeasured = {**results, "runs": [{**r, "top_eigenvalue": float("nan")} for r in results["runs"]]}
+    md = write_report(unmeasured, tmp_path)
+    assert "![curves and flatness]" in md.read_text() and (tmp_path / "img" / "results_tiny.png").exists()
+
+
 def test_a_failing_job_is_named_and_the_others_are_kept(tmp_path):
     data = tomllib.loads((HERE / "tiny_regime.toml").read_text())
     data = copy.deepcopy(data)
@@ -146,3 +153,12 @@ def test_a_job_that_dies_while_storing_leaves_no_result(tmp_path, monkeypatch):
         cache.store(key, {"state_dict": {"w": torch.ones(2)}, "best": 1.0})
     assert not cache.has(key) and [p.suffix for p in calls] == [".safetensors", ".json"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_what_executors_must_agree_on_is_everything_but_wall_clock_time():
+    from flat_l2o_plugin.study.pipeline import without_wall_clock
+
+    results = {"wall_seconds": 3.0, "job_seconds": 2.0, "runs": [{"seconds": 1.0, "test_accuracy": 0.5}],
+               "meta_runs": [{"seconds": 4.0, "validation": [{"step": 0, "score": 0.1}]}]}
+    assert without_wall_clock(results) == {"runs": [{"test_accuracy": 0.5}],
+                                           "meta_runs": [{"validation": [{"step": 0, "score": 0.1}]}]}
