@@ -412,6 +412,8 @@ class RayExecutor(Executor):
         self.address, self.workers, self.retries = address, max(1, int(workers)), retries
         self.name = f"ray://{address}" if address else "ray"
         self._ray = _engine("ray", "ray", self.name)
+        if address is not None:
+            _engine("grpc", "ray", self.name)  # Ray Client talks gRPC; a bare `pip install ray` lacks it
         self._owned = False
         self._task: Any = None
 
