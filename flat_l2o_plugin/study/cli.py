@@ -38,8 +38,9 @@ def add_parser(commands: Any) -> None:
                    help="where jobs run: local, dask, dask://HOST:PORT, ray, ray://HOST:PORT or slurm:FOLDER "
                         "(default: the regime's [executor], else local)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="jobs at once (local processes, LocalCluster workers, local Ray CPUs, SLURM jobs in "
-                        "flight; default: the regime's budget.workers)")
+                   help="jobs at once: local processes, LocalCluster workers, local Ray CPUs, SLURM jobs in "
+                        "flight (a running Dask or Ray cluster uses all its workers; default: the regime's "
+                        "budget.workers)")
     p.add_argument("--report-to", metavar="DIR", help="folder of the report (default: OUT/report)")
     p.add_argument("--reading", metavar="FILE", help="markdown placed under the report's answer")
     p.add_argument("--no-report", action="store_true", help="write results.json only")

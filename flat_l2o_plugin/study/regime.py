@@ -106,7 +106,9 @@ class Budget:
         held_out_baselines: The baselines run on the held-out test split, each with
             ``meta_seeds × eval_seeds`` seeds, and compared with every headline row;
             empty: all of them. The others are tuned and reported on validation only.
-        workers: Parallel jobs on this machine.
+        workers: Jobs at once: local processes, Dask LocalCluster workers, local Ray CPUs,
+            SLURM jobs in flight (``flat-l2o study --workers`` overrides it; a running Dask
+            or Ray cluster uses all its workers). Not part of any job, so not of the results.
     """
 
     meta_seeds: int = 5
