@@ -108,7 +108,7 @@ class Budget:
             empty: all of them. The others are tuned and reported on validation only.
         workers: Jobs at once: local processes, Dask LocalCluster workers, local Ray CPUs,
             SLURM jobs in flight (``flat-l2o study --workers`` overrides it; a running Dask
-            or Ray cluster uses all its workers). Not part of any job, so not of the results.
+            or Ray cluster uses all its workers). It changes no job, so no result.
     """
 
     meta_seeds: int = 5
