@@ -25,7 +25,6 @@ Specs, as given to ``flat-l2o study --executor`` or a regime's ``[executor] use`
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -47,7 +46,6 @@ from .jobs import Job, JobFailure, run_job_captured
 __all__ = ["DaskExecutor", "Executor", "ExecutorSpec", "LocalExecutor", "RayExecutor", "SlurmExecutor",
            "executor_spec", "make_executor", "probe_cache"]
 
-DISTRIBUTION = "flat-l2o-plugin"
 SPECS = "local, dask, dask://HOST:PORT, ray, ray://HOST:PORT or slurm:FOLDER"
 OnDone = Callable[[Job], None]
 
@@ -124,7 +122,8 @@ def make_executor(spec: str, *, workers: int = 2, options: ExecutorSpec | None =
         where: Names the setting in error messages.
 
     Raises:
-        ConfigError: An unknown spec, or the engine's extra is not installed.
+        ConfigError: An unknown spec.
+        MissingExtraError: The engine's extra is not installed (the message names it).
     """
     engine, target = _split(spec, where)
     if engine == "local":
@@ -137,12 +136,9 @@ def make_executor(spec: str, *, workers: int = 2, options: ExecutorSpec | None =
 
 
 def _engine(module: str, extra: str, spec: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or module
-        raise ConfigError(f"executor {spec!r} needs {missing!r}, which is not installed: "
-                          f"pip install '{DISTRIBUTION}[{extra}]'") from exc
+    from .._extras import import_extra
+
+    return import_extra(module, extra, f"executor {spec!r}")
 
 
 # ---------------------------------------------------------------------------- the cache probe
@@ -150,6 +146,8 @@ def _engine(module: str, extra: str, spec: str) -> ModuleType:
 
 def _version() -> str | None:
     from importlib import metadata
+
+    from .._extras import DISTRIBUTION
 
     try:
         return metadata.version(DISTRIBUTION)
@@ -200,7 +198,7 @@ def _check_cache(name: str, cache_dir: str, ask: Callable[[str], list[dict[str, 
                                   f"{cache_dir}, which this machine does not see; {where}")
             ours = _version()
             if None not in (ours, reply["version"]) and reply["version"] != ours:
-                raise ConfigError(f"executor {name}: the worker on {reply['host']} runs {DISTRIBUTION} "
+                raise ConfigError(f"executor {name}: the worker on {reply['host']} runs flat-l2o-plugin "
                                   f"{reply['version']}, this machine {ours}; install the same version everywhere")
     finally:
         for path in folder.glob(f".probe-{token}*"):

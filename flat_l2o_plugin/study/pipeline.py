@@ -418,8 +418,8 @@ def run_study(regime: Regime, out: str | Path, *, executor: Any = None, log: Log
     Raises:
         StudyJobError: Some jobs failed; every other job's result is cached, and running
             the same study again retries only what is missing.
-        ConfigError: The executor cannot run (its extra is missing, its workers do not
-            share ``out``).
+        ConfigError: The executor's workers do not share ``out``.
+        MissingExtraError: The regime's executor needs an extra that is not installed.
     """
     from .._atomic import write_atomically
 

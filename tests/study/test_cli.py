@@ -78,9 +78,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path, monkeyp
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_missing_engine_is_exit_2_naming_the_extra_and_writes_nothing(tmp_path, capsys, monkeypatch):
+def test_a_missing_engine_is_one_line_naming_the_extra_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
-    assert main(["study", "--config", TINY, "--executor", "dask", "--out", str(tmp_path / "s")]) == 2
+    assert main(["study", "--config", TINY, "--executor", "dask", "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'flat-l2o-plugin[dask]'" in err
     assert not (tmp_path / "s").exists()

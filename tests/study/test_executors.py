@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flat_l2o_plugin.errors import ConfigError
+from flat_l2o_plugin.errors import ConfigError, MissingExtraError
 from flat_l2o_plugin.study import executors as ex
 from flat_l2o_plugin.study import load_regime, run_study
 from flat_l2o_plugin.study.executors import ExecutorSpec, LocalExecutor, executor_spec, make_executor, probe_cache
@@ -69,7 +69,7 @@ def test_a_missing_engine_names_the_extra_to_install(monkeypatch, spec, module, 
     if module == "grpc":
         pytest.importorskip("ray")  # Ray Client's own requirement is checked once Ray imports
     monkeypatch.setitem(sys.modules, module, None)  # import refused, as when not installed
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(MissingExtraError) as error:
         make_executor(spec)
     message = str(error.value)
     assert f"pip install 'flat-l2o-plugin[{extra}]'" in message and repr(module) in message
