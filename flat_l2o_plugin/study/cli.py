@@ -1,8 +1,8 @@
 """``flat-l2o study``: run a study from a regime file, on any executor; ``flat-l2o study report DIR``.
 
 The package's command line adds this verb with :func:`add_parser`; errors follow its
-conventions (a :class:`~flat_l2o_plugin.errors.ConfigError` is one line and exit 2,
-failed jobs are one line and exit 1).
+conventions (a :class:`~flat_l2o_plugin.errors.ConfigError` is one line and exit 2;
+failed jobs and an executor whose extra is not installed are one line and exit 1).
 """
 
 from __future__ import annotations

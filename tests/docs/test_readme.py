@@ -86,3 +86,13 @@ def test_readme_executor_table_is_a_valid_regime_executor(tmp_path):
     assert spec.use.startswith("slurm:")
     # submitit accepts its parameters (checked against its SLURM executor even when running locally).
     SlurmExecutor(tmp_path, cluster="local", parameters=spec.slurm).start()
+
+
+def test_readme_dependency_table_names_every_extra():
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    section = README.read_text().split("## Install, extras and dependencies", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\|[^|]+\| `([a-z0-9]+)` \|", section, flags=re.M))
+    # "all" is a set of the others, not a package of its own.
+    assert set(extras) - {"all"} <= named, sorted(set(extras) - {"all"} - named)
