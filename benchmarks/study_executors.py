@@ -7,7 +7,8 @@ each side pays for starting its workers and importing torch in them. The runs al
 sides, and the ratio is of the medians. Each run's results.json is compared with the
 first local one (ignoring wall-clock fields): where a job runs must not change it.
 
-Run: ``python benchmarks/study_executors.py [--rounds 2] [--out runs/bench/study_executors.json]``.
+Run: ``python benchmarks/study_executors.py [--rounds 2] [--config gap] [--out runs/bench/study_executors.json]``
+(``--config`` takes a regime file or a built-in regime's name, as ``flat-l2o study`` does).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flat_l2o_plugin.study import builtin_regime, load_regime, run_study
+from flat_l2o_plugin.study import load_regime, run_study
+from flat_l2o_plugin.study.cli import regime_path
 from flat_l2o_plugin.study.executors import make_executor
 from flat_l2o_plugin.study.pipeline import without_wall_clock
 
 
-def run_once(spec: str, workers: int) -> tuple[float, dict[str, Any]]:
+def run_once(spec: str, workers: int, config: str = "gap") -> tuple[float, dict[str, Any]]:
     """Wall seconds of one --quick study on ``spec`` (engine start to stop), and its results."""
-    regime = load_regime(builtin_regime("gap"), quick=True)
+    regime = load_regime(regime_path(config), quick=True)
     with tempfile.TemporaryDirectory(prefix="flat-l2o-bench-") as out:
         start = time.perf_counter()
         with make_executor(spec, workers=workers) as executor:
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="local/dask pairs, alternating order (default 2)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--config", default="gap", help="regime file or built-in regime (default gap)")
     parser.add_argument("--out", default="runs/bench/study_executors.json")
     args = parser.parse_args(argv)
     order = [spec for r in range(args.rounds) for spec in (("local", "dask") if r % 2 == 0 else ("dask", "local"))]
@@ -46,14 +49,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = None
     same = True
     for spec in order:
-        seconds, results = run_once(spec, args.workers)
+        seconds, results = run_once(spec, args.workers, args.config)
         times[spec].append(seconds)
         comparable = json.dumps(without_wall_clock(results), sort_keys=True, default=str)
         reference = reference or comparable
         same &= comparable == reference
         print(f"  {spec:<6} {seconds:7.1f} s", flush=True)
     local, dask = statistics.median(times["local"]), statistics.median(times["dask"])
-    report = {"study": "gap --quick", "workers": args.workers, "rounds": args.rounds, "seconds": times,
+    report = {"study": f"{args.config} --quick", "workers": args.workers, "rounds": args.rounds, "seconds": times,
               "median_local_s": local, "median_dask_s": dask, "dask_over_local": dask / local,
               "same_results": same}
     print(f"{'executor':<10}{'median wall s':>14}{'runs':>6}")
