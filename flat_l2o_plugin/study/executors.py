@@ -357,10 +357,15 @@ class DaskExecutor(Executor):
         distributed = self._distributed
         try:
             if self.address is None:
-                # Dask's nanny sets OMP/MKL/OpenBLAS threads to 1 in every worker it starts.
-                self._cluster = distributed.LocalCluster(
-                    n_workers=self.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=":0", silence_logs=logging.ERROR)
+                import dask
+
+                # Dask's nanny sets OMP/MKL/OpenBLAS threads to 1 in every worker it starts and
+                # hands it this configuration. Its stack sampler (100 Hz) takes the GIL from jobs
+                # that are mostly small Python-level torch calls (benchmarks/study_executors.py).
+                with dask.config.set({"distributed.worker.profile.enabled": False}):
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=self.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                        dashboard_address=":0", silence_logs=logging.ERROR)
                 self.client = distributed.Client(self._cluster)
             else:
                 self.client = distributed.Client(f"tcp://{self.address}", timeout="30s")

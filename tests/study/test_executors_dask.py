@@ -38,6 +38,9 @@ def test_the_tiny_study_on_a_dask_local_cluster_matches_local(dask_executor, tin
     workers = dask_executor.client.scheduler_info()["workers"]
     assert len(workers) == 2 and all(w["host"] == "127.0.0.1" and w["nthreads"] == 1 for w in workers.values())
     assert len(set(dask_executor.client.run(os.getpid).values()) - {os.getpid()}) == 2  # separate processes
+    # No stack sampler in the workers: it costs the jobs time (benchmarks/study_executors.py).
+    profiling = dask_executor.client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+    assert set(profiling.values()) == {False}
     results = run_study(load_regime(TINY), tmp_path, executor=dask_executor)
     same_results(results, tiny_study[1])
 
