@@ -1,42 +1,38 @@
-"""The generalization study of docs/results.md: the package's study on its shipped ``gap`` regime.
+"""The generalization study of docs/results.md: ``flat-l2o study`` on the shipped ``gap`` regime.
 
-Everything happens in :mod:`flat_l2o_plugin.study`, which a user runs on their own
-regime file with ``flat-l2o study``; this script only fixes where the repository keeps
-its results. The full study takes about two hours on 2 cores and resumes from its job
-cache (``runs/generalization/cache``) when run again; ``--quick`` is CI's smoke test.
+The study is the package's (``flat-l2o study --config gap``, see the README's "Running
+on a cluster"); this script only fixes where the repository keeps its results: the study
+folder ``runs/generalization`` (its job cache makes a second run resume) and, for the
+full study, the report in ``docs/`` with the reading in ``generalization_reading.md``.
+Any other ``flat-l2o study`` option passes through (``--executor``, ``--workers``...).
 
-Run: ``python benchmarks/generalization.py [--quick] [--config FILE] [--out DIR] [--workers N] [--no-report]``.
+Run: ``python benchmarks/generalization.py [--quick] [--config FILE] [--out DIR] [--executor SPEC] [--no-report]``.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from flat_l2o_plugin.study import builtin_regime, load_regime, run_study, write_report
-from flat_l2o_plugin.study.jobs import LocalExecutor
+from flat_l2o_plugin.cli import main as flat_l2o
 
 HERE = Path(__file__).resolve().parent
 READING = HERE / "generalization_reading.md"
 DOCS = HERE.parent / "docs"
 
 
-def main(argv: Sequence[str] | None = None, log: Any = print) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=builtin_regime("gap"))
-    parser.add_argument("--quick", action="store_true", help="smoke-test budget; its numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/generalization[-quick]")
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/results.md")
-    args = parser.parse_args(argv)
-    regime = load_regime(args.config, quick=args.quick)
-    out = args.out or Path("runs") / ("generalization-quick" if args.quick else "generalization")
-    results = run_study(regime, out, executor=LocalExecutor(args.workers or regime.budget.workers), log=log)
-    if not args.quick and not args.no_report:
-        log(f"wrote {write_report(out / 'results.json', DOCS, reading=READING)}")
-    return results
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick = "--quick" in argv
+    defaults = [] if "--config" in argv else ["--config", "gap"]
+    if "--out" not in argv:
+        defaults += ["--out", str(Path("runs") / ("generalization-quick" if quick else "generalization"))]
+    # The quick study's numbers mean nothing: its report stays in its own folder.
+    if not quick and "--report-to" not in argv:
+        defaults += ["--report-to", str(DOCS), "--reading", str(READING)]
+    return flat_l2o(["study", *defaults, *argv])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (or the metrics file itself)")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/metrics.png)")
     p.set_defaults(func=_cmd_plot)
+
+    from .study.cli import add_parser as add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 

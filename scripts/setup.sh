@@ -46,14 +46,15 @@ if ! have learn2learn "$L2L_VERSION"; then
 fi
 
 # The package itself, editable, with every extra (the core install is torch, pluggy,
-# safetensors, numpy, PyYAML and tqdm; see pyproject.toml) and the test tooling.
+# safetensors, numpy, PyYAML and tqdm; see pyproject.toml), the test tooling, and the
+# study's cluster executors (Dask, Ray, submitit), which the tests run on loopback.
 # learn2learn is already there (built above), so pip only checks it. Re-run only when
 # the metadata changed (entry points and extras live there).
 stamp="$VENV/.flat-l2o-installed"
 digest=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
-  echo "setup: installing flat-l2o-plugin (editable, [all,learn2learn,dev])"
-  "${pip[@]}" -e ".[all,learn2learn,dev]" "${TORCH_PINS[@]}"
+  echo "setup: installing flat-l2o-plugin (editable, [all,learn2learn,dev,dask,ray,slurm])"
+  "${pip[@]}" -e ".[all,learn2learn,dev,dask,ray,slurm]" "${TORCH_PINS[@]}"
   echo "$digest" > "$stamp"
 fi
 echo "setup: $VENV is ready"

@@ -5,12 +5,14 @@ sdist is known to be complete), and the wheel is installed, not editable, into a
 virtual environment. That environment reuses the torch already installed here (a
 ``.pth`` file puts this interpreter's site-packages after its own), so nothing is
 downloaded. The command line then runs from outside the checkout, once with everything
-importable and once with every optional package refused, as in a core-only install.
+importable (the --quick study on Dask included) and once with every optional package
+refused, as in a core-only install.
 """
 
 from __future__ import annotations
 
 import email
+import json
 import os
 import shutil
 import subprocess
@@ -42,6 +44,13 @@ def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> su
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{command}: {done.stderr}"
     return done
+
+
+def _without_wall_clock(results: dict) -> str:
+    from flat_l2o_plugin.study.pipeline import without_wall_clock
+
+    # Through JSON, as results.json holds them: NaN compares equal as the same token.
+    return json.dumps(without_wall_clock(results), sort_keys=True, default=str)
 
 
 def _build(backend_call: str, source: Path, out: Path) -> Path:
@@ -116,6 +125,21 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_outside_the_checkout(built: d
     assert "builtin" in plugins and "flat-l2o-plugin" in plugins
     regularizers = _run([str(command), "list", "regularizers"], outside, env).stdout
     assert "hessian_top_eigenvalue" in regularizers and "sharpness" in regularizers
+
+    # The study from the wheel, on a Dask LocalCluster whose worker processes import the
+    # installed package too (Dask comes from the [dask] extra, installed here by setup),
+    # and on the local pool: the same results but for wall-clock fields.
+    study_env = {key: value for key, value in env.items() if not key.startswith("FLAT_L2O")}
+    study_env["OMP_NUM_THREADS"] = "1"
+    results = {}
+    for executor in ("dask", "local"):
+        study = _run([str(command), "study", "--config", "gap", "--quick", "--executor", executor, "--workers", "2",
+                      "--out", executor, "--no-progress"], outside, study_env)
+        assert f"jobs on {executor}" in study.stderr
+        assert (outside / executor / "report" / "results.md").is_file()
+        results[executor] = json.loads((outside / executor / "results.json").read_text())
+    assert results["dask"]["headline"] and results["dask"]["environment"]["flat_l2o_plugin"] == "0.1.0"
+    assert _without_wall_clock(results["dask"]) == _without_wall_clock(results["local"])
 
     # A core-only install: every optional package refused at import. The package
     # imported is the installed one.

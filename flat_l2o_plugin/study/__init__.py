@@ -4,8 +4,10 @@ A study is driven by a regime file (:mod:`.regime`): the meta-training family, t
 validation architectures that choose between candidates, the held-out tasks of the
 report, the hand-designed baselines and their grids, and the learned-optimizer
 candidates. :func:`run_study` runs it as cached, resumable jobs (:mod:`.jobs`,
-:mod:`.pipeline`); :func:`write_report` turns the results into markdown with paired,
+:mod:`.pipeline`) on this machine or a cluster (:mod:`.executors`: a local pool, Dask,
+Ray, SLURM); :func:`write_report` turns the results into markdown with paired,
 two-level intervals and Holm-adjusted verdicts (:mod:`.stats`, :mod:`.report`).
+``flat-l2o study`` (:mod:`.cli`) does both from the command line.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Study jobs: plain-data descriptions, a content-addressed cache, and a process pool.
+"""Study jobs: plain-data descriptions and a content-addressed cache (executors: :mod:`.executors`).
 
 A job is ``(kind, arguments)`` with ``kind`` one of :data:`KINDS` and the arguments
 plain JSON data, so any process (or machine) can run it from the registry alone. Its
@@ -10,25 +10,23 @@ its presence means the job is complete): a worker killed mid-job leaves nothing 
 that a later run could mistake for a result. Meta-trained weights go to a safetensors
 file next to the JSON; nothing is ever pickled.
 
-Every job fixes its own thread count (one) and seeds, so where it runs does not change
-what it computes.
+Every job fixes its own thread count (one), default dtype (float32) and seeds, so where
+it runs does not change what it computes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import FlatL2OError
 
-__all__ = ["KINDS", "Job", "JobCache", "JobFailure", "LocalExecutor", "StudyJobError", "job_key", "pending",
-           "run_job", "weights_digest"]
+__all__ = ["KINDS", "Job", "JobCache", "JobFailure", "StudyJobError", "job_key", "pending",
+           "run_job", "run_job_captured", "weights_digest"]
 
 KINDS = ("evaluate", "meta_train")
 
@@ -159,54 +157,32 @@ def run_job(kind: str, args: dict[str, Any], cache_dir: str) -> str:
     This is the function executors ship to workers: it needs only the package, the job's
     plain data and a cache folder the worker can write.
     """
+    import torch
+
     cache = JobCache(cache_dir)
     key = job_key(kind, args)
     if not cache.has(key):
-        result = _RUNNERS[kind](args, cache)
+        # A worker process may have been left in another dtype by whatever ran before.
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            result = _RUNNERS[kind](args, cache)
+        finally:
+            torch.set_default_dtype(dtype)
         cache.store(key, result)
     return key
 
 
-def _run_captured(kind: str, args: dict[str, Any], cache_dir: str) -> tuple[str, str | None, str]:
+def run_job_captured(kind: str, args: dict[str, Any], cache_dir: str) -> tuple[str, str | None, str]:
+    """:func:`run_job` returning ``(key, error, traceback)``: what executors ship to workers.
+
+    A job that raises comes back as data (``error`` set), so an exception from the engine
+    itself always means the worker was lost (killed, out of memory), never the job.
+    """
     try:
         return run_job(kind, args, cache_dir), None, ""
     except Exception as exc:  # noqa: BLE001 - a failed job is reported, the others go on
         return job_key(kind, args), f"{type(exc).__name__}: {exc}", traceback.format_exc()
-
-
-class LocalExecutor:
-    """Runs jobs in a pool of spawned processes on this machine (``workers`` = 1: in process)."""
-
-    name = "local"
-
-    def __init__(self, workers: int = 2) -> None:
-        self.workers = max(1, int(workers))
-
-    def run(self, jobs: Sequence[Job], cache_dir: str | Path,
-            on_done: Callable[[Job], None] | None = None) -> list[JobFailure]:
-        """Run ``jobs`` (none of them cached); returns the ones that failed."""
-        failures: list[JobFailure] = []
-        done = on_done or (lambda job: None)
-        cache_dir = str(cache_dir)
-        if self.workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                _, error, trace = _run_captured(job.kind, job.args, cache_dir)
-                if error is not None:
-                    failures.append(JobFailure(job, error, trace))
-                done(job)
-            return failures
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_captured, job.kind, job.args, cache_dir): job for job in jobs}
-            for future in as_completed(futures):
-                job = futures[future]
-                try:
-                    _, error, trace = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
-                    error, trace = f"the worker died: {type(exc).__name__}: {exc}", ""
-                if error is not None:
-                    failures.append(JobFailure(job, error, trace))
-                done(job)
-        return failures
 
 
 def pending(jobs: Iterable[Job], cache: JobCache) -> list[Job]:

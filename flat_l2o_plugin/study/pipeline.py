@@ -36,10 +36,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..tasks.seeds import EVAL_SEEDS_START, VAL_SEEDS_START
 from .grid import GridResult, search
-from .jobs import Job, JobCache, JobFailure, LocalExecutor, StudyJobError, pending
+from .executors import LocalExecutor, make_executor
+from .jobs import Job, JobCache, JobFailure, StudyJobError, pending
+from .progress import Progress
 from .regime import Candidate, Regime, resolve_picks
 
-__all__ = ["Study", "run_study", "eval_seed"]
+__all__ = ["WALL_CLOCK_FIELDS", "Study", "eval_seed", "run_study", "without_wall_clock"]
+
+WALL_CLOCK_FIELDS = ("seconds", "wall_seconds", "job_seconds")
+"""The fields of results.json that time things; all else is the same wherever the jobs ran."""
 
 Log = Callable[[str], None]
 
@@ -47,6 +52,15 @@ Log = Callable[[str], None]
 def eval_seed(meta_seed_index: int, eval_index: int, eval_seeds: int) -> int:
     """The optimizee seed of the ``eval_index``-th evaluation of the ``meta_seed_index``-th meta-seed."""
     return EVAL_SEEDS_START + meta_seed_index * eval_seeds + eval_index
+
+
+def without_wall_clock(results: Any) -> Any:
+    """``results`` without its :data:`WALL_CLOCK_FIELDS`, at any depth: what two executors must agree on."""
+    if isinstance(results, Mapping):
+        return {k: without_wall_clock(v) for k, v in results.items() if k not in WALL_CLOCK_FIELDS}
+    if isinstance(results, list):
+        return [without_wall_clock(v) for v in results]
+    return results
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -60,18 +74,21 @@ class Study:
     Args:
         regime: The parsed regime.
         out: Folder for ``cache/`` and ``results.json``.
-        executor: Anything with ``run(jobs, cache_dir, on_done) -> failures``; default a
-            local process pool with the regime's ``workers``.
-        log: Progress lines (default: nothing).
+        executor: Anything with ``run(jobs, cache_dir, on_done) -> failures``
+            (:mod:`.executors`); default a local process pool with the regime's ``workers``.
+        log: Lines saying what each batch is (default: nothing).
+        progress: Told of each batch and each finished job (default: nothing).
     """
 
-    def __init__(self, regime: Regime, out: str | Path, *, executor: Any = None, log: Log | None = None) -> None:
+    def __init__(self, regime: Regime, out: str | Path, *, executor: Any = None, log: Log | None = None,
+                 progress: Progress | None = None) -> None:
         self.regime = regime
         self.budget = regime.budget
         self.out = Path(out)
         self.cache = JobCache(self.out / "cache")
         self.executor = executor or LocalExecutor(regime.budget.workers)
         self.log = log or (lambda line: None)
+        self.progress = progress or Progress()
         self.failures: list[JobFailure] = []
         self.job_seconds = 0.0
 
@@ -83,7 +100,11 @@ class Study:
         if todo:
             self.log(f"  {what}: {len(todo)} of {len(jobs)} jobs to run")
             start = time.perf_counter()
-            failures = self.executor.run(todo, self.cache.folder, None)
+            self.progress.start(what, len(todo))
+            try:
+                failures = self.executor.run(todo, self.cache.folder, self.progress.done)
+            finally:
+                self.progress.finish()
             self.job_seconds += time.perf_counter() - start
             self.failures += failures
             for failure in failures:
@@ -366,26 +387,61 @@ def environment() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "threads_per_job": 1}
 
 
-def run_study(regime: Regime, out: str | Path, *, executor: Any = None, log: Log | None = None) -> dict[str, Any]:
+def _prepare(executor: Any, out: Path) -> None:
+    """Start the executor and check its workers share ``out/cache``; a refusal leaves no folder behind."""
+    created = [folder for folder in (out, out / "cache") if not folder.exists()]
+    try:
+        # An executor with only run() (the interface the study needs) checks nothing up front.
+        if hasattr(executor, "prepare"):
+            executor.prepare(out / "cache")
+        else:
+            (out / "cache").mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        for folder in reversed(created):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def run_study(regime: Regime, out: str | Path, *, executor: Any = None, log: Log | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) ``regime``'s study in ``out`` and write ``out/results.json``.
+
+    Args:
+        regime: The parsed regime.
+        out: The study's folder: ``cache/`` (every finished job), ``results.json``.
+        executor: Where jobs run (:mod:`.executors`); default the regime's ``executor``
+            (local unless it says otherwise), started here and stopped at the end.
+        log: Lines saying what each batch is.
+        progress: Told of each batch and each finished job (:mod:`.progress`).
 
     Raises:
         StudyJobError: Some jobs failed; every other job's result is cached, and running
             the same study again retries only what is missing.
+        ConfigError: The executor's workers do not share ``out``.
+        MissingExtraError: The regime's executor needs an extra that is not installed.
     """
     from .._atomic import write_atomically
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # A resumed study's wall time is summed over the invocations that worked on it.
-    elapsed_file = out / "elapsed.json"
-    before = json.loads(elapsed_file.read_text())["seconds"] if elapsed_file.exists() else 0.0
-    start = time.perf_counter()
+    owned = executor is None
+    if owned:
+        executor = make_executor(regime.executor.use, workers=regime.budget.workers, options=regime.executor,
+                                 where="executor.use")
     try:
-        results = Study(regime, out, executor=executor, log=log).run()
+        _prepare(executor, out)
+        # A resumed study's wall time is summed over the invocations that worked on it.
+        elapsed_file = out / "elapsed.json"
+        before = json.loads(elapsed_file.read_text())["seconds"] if elapsed_file.exists() else 0.0
+        start = time.perf_counter()
+        try:
+            results = Study(regime, out, executor=executor, log=log, progress=progress).run()
+        finally:
+            total = before + time.perf_counter() - start
+            write_atomically(elapsed_file, json.dumps({"seconds": total}).encode(), OSError)
     finally:
-        total = before + time.perf_counter() - start
-        write_atomically(elapsed_file, json.dumps({"seconds": total}).encode(), OSError)
+        if owned:
+            executor.close()
     results["wall_seconds"] = total
     write_atomically(out / "results.json", json.dumps(results, indent=1, default=str).encode(), OSError)
     return results

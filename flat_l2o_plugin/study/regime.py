@@ -42,9 +42,14 @@ Layout::
 
     [targets]                  # see Targets
 
+    [executor]                 # where the jobs run (default "local"); --executor overrides `use`
+    use = "slurm:/shared/me/study-jobs"
+    slurm = {slurm_partition = "cpu", timeout_min = 120}
+
     [quick]                    # a smoke-test budget: overrides of [budget] and [trainer]
     budget = {meta_seeds = 1}
     trainer = {meta_steps = 4}
+    sets = {family = ["mlp_tanh_50"]}
 
 Strings ``"@baseline.option"`` in a candidate's ``deploy`` table are replaced, for each
 evaluated task, by the value that baseline's grid search picked on that task: a learned
@@ -64,6 +69,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
+from .executors import ExecutorSpec, executor_spec
 
 __all__ = ["Budget", "Baseline", "Candidate", "Regime", "Targets", "load_regime", "regime_from_dict",
            "resolve_picks"]
@@ -100,7 +106,9 @@ class Budget:
         held_out_baselines: The baselines run on the held-out test split, each with
             ``meta_seeds × eval_seeds`` seeds, and compared with every headline row;
             empty: all of them. The others are tuned and reported on validation only.
-        workers: Parallel jobs on this machine.
+        workers: Jobs at once: local processes, Dask LocalCluster workers, local Ray CPUs,
+            SLURM jobs in flight (``flat-l2o study --workers`` overrides it; a running Dask
+            or Ray cluster uses all its workers). It changes no job, so no result.
     """
 
     meta_seeds: int = 5
@@ -243,7 +251,9 @@ class Regime:
     baselines: dict[str, Baseline]
     candidates: tuple[Candidate, ...]
     targets: Targets
-    source: dict[str, Any] = field(default_factory=dict)  # the file's data, for the record
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    # The file's data, for the record; without `executor`, since where jobs run changes no result.
+    source: dict[str, Any] = field(default_factory=dict)
 
     def task(self, label: str) -> TaskSpec:
         name, options = self.tasks[label]
@@ -390,7 +400,8 @@ def _candidate(index: int, data: Any, tasks: Mapping[str, Any]) -> Candidate:
         untrained=untrained, untrained_is=untrained_is, headline=headline, reference=data.get("reference"))
 
 
-_TOP = ["name", "description", "budget", "trainer", "tasks", "sets", "baselines", "candidates", "targets", "quick"]
+_TOP = ["name", "description", "budget", "trainer", "tasks", "sets", "baselines", "candidates", "targets", "executor",
+        "quick"]
 
 
 def regime_from_dict(data: Mapping[str, Any], *, quick: bool = False) -> Regime:
@@ -406,10 +417,12 @@ def regime_from_dict(data: Mapping[str, Any], *, quick: bool = False) -> Regime:
             raise ConfigError(f"regime: missing {'[' + key + ']' if key != 'name' else 'name'}")
     if quick:
         q = _table(data.get("quick", {}), "[quick]")
-        _unknown(q, ["budget", "trainer", "candidates", "held_out", "grid_points"], "[quick]")
+        _unknown(q, ["budget", "trainer", "sets", "candidates", "held_out", "grid_points"], "[quick]")
         data["budget"] = {**_table(data.get("budget", {}), "[budget]"), **_table(q.get("budget", {}), "quick.budget")}
         data["trainer"] = {**_table(data.get("trainer", {}), "[trainer]"),
                            **_table(q.get("trainer", {}), "quick.trainer")}
+        if "sets" in q:
+            data["sets"] = {**_table(data["sets"], "[sets]"), **_table(q["sets"], "quick.sets")}
         if "candidates" in q:
             data["candidates"] = data.get("candidates", [])[: _positive_int("quick.candidates", q["candidates"])]
         if "held_out" in q:
@@ -469,11 +482,12 @@ def regime_from_dict(data: Mapping[str, Any], *, quick: bool = False) -> Regime:
         if missing:
             raise ConfigError(f"budget.held_out_baselines must include {missing}: the targets or an untrained_is "
                               "compare with them on the held-out tasks")
+    executor = executor_spec(data.pop("executor", "local"))
     return Regime(name=data["name"], description=str(data.get("description", "")),
                   budget=budget,
                   trainer=_table(data.get("trainer", {}), "[trainer]"), tasks=tasks, family=family,
                   selection=selection, held_out=held_out, baselines=baselines, candidates=parsed, targets=targets,
-                  source=data)
+                  executor=executor, source=data)
 
 
 def _references(value: Any) -> list[str]:

@@ -384,12 +384,16 @@ def plot(data: Mapping[str, Any], analysis: Mapping[str, Any], path: Path) -> bo
         axes[1].plot(c["step"], c["train_loss"], label=row)
     axes[0].set(title=f"test accuracy, {analysis['tasks'][0]}", xlabel="step", ylabel="%")
     axes[1].set(title="train mini-batch loss", xlabel="step", yscale="log")
+    measured = False
     for row in analysis["rows"]:
         mine = [r for r in analysis["runs"] if r["optimizer"] == row and r["top_eigenvalue"] is not None
                 and math.isfinite(r["top_eigenvalue"]) and r["top_eigenvalue"] > 0]
         axes[2].scatter([r["top_eigenvalue"] for r in mine], [100 * r["test_accuracy"] for r in mine], s=6,
                         label=row)
-    axes[2].set(title="test accuracy against the top Hessian eigenvalue (all tasks)", xscale="log", ylabel="%")
+        measured |= bool(mine)
+    # A study run without flatness measures (budget.flatness = false) has nothing to put on a log axis.
+    axes[2].set(title="test accuracy against the top Hessian eigenvalue (all tasks)", ylabel="%",
+                xscale="log" if measured else "linear")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

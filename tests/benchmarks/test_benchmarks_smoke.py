@@ -38,3 +38,14 @@ def test_regularizer_cost_quick(tmp_path):
     assert "top: finite difference (default h)" in result["finite_difference"]["timm ViT"]["rows"]
     assert "hessian_top_eigenvalue (HVP)" in result["batch_norm"]["errors"]  # torch refuses its third derivative
     assert set(result["step_profile"]) == {"mlp_digits", "conv_digits"}
+
+
+@pytest.mark.slow
+def test_study_executors_on_a_tiny_regime(tmp_path):
+    pytest.importorskip("distributed")
+    tiny = Path(__file__).resolve().parents[1] / "study" / "tiny_regime.toml"
+    out = tmp_path / "executors.json"
+    result = _load("study_executors").main(["--rounds", "1", "--config", str(tiny), "--out", str(out)])
+    assert result["same_results"] and len(result["seconds"]["local"]) == len(result["seconds"]["dask"]) == 1
+    assert result["dask_over_local"] == result["median_dask_s"] / result["median_local_s"] > 0
+    assert json.loads(out.read_text())["study"] == f"{tiny} --quick"

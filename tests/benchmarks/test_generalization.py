@@ -1,8 +1,9 @@
-"""The repository's study scripts are thin callers of flat_l2o_plugin.study; --quick runs end to end."""
+"""The repository's study scripts are thin callers of ``flat-l2o study``; --quick runs end to end."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -23,8 +24,11 @@ def _load(name):
 @pytest.mark.slow
 def test_quick_study_and_its_report(tmp_path):
     study, report = _load("generalization"), _load("generalization_report")
-    results = study.main(["--quick", "--out", str(tmp_path / "run"), "--workers", "1"], log=lambda _: None)
+    assert study.main(["--quick", "--out", str(tmp_path / "run"), "--workers", "1", "--no-progress"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["headline"] and all(math.isfinite(r["test_accuracy"]) for r in results["runs"])
     assert {r["optimizer"] for r in results["runs"]} >= {"adam", "sam", "asam", *results["headline"]}
-    md = report.main([str(tmp_path / "run" / "results.json"), "--docs", str(tmp_path / "docs")])
-    assert "## The answer" in md.read_text()
+    assert (tmp_path / "run" / "report" / "results.md").exists()
+    assert report.main([str(tmp_path / "run" / "results.json"), "--to", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "## The answer" in text

@@ -73,3 +73,26 @@ def test_readme_gives_the_lr_rule_the_warning_quotes():
 
     prose = " ".join(README.read_text().replace("`", "").split())
     assert " ".join(LR_RULE.split()) in prose
+
+
+def test_readme_executor_table_is_a_valid_regime_executor(tmp_path):
+    import tomllib
+
+    pytest.importorskip("submitit")
+    from flat_l2o_plugin.study.executors import SlurmExecutor, executor_spec
+
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "[executor]" in b]
+    spec = executor_spec(tomllib.loads(block)["executor"])
+    assert spec.use.startswith("slurm:")
+    # submitit accepts its parameters (checked against its SLURM executor even when running locally).
+    SlurmExecutor(tmp_path, cluster="local", parameters=spec.slurm).start()
+
+
+def test_readme_dependency_table_names_every_extra():
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    section = README.read_text().split("## Install, extras and dependencies", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\|[^|]+\| `([a-z0-9]+)` \|", section, flags=re.M))
+    # "all" is a set of the others, not a package of its own.
+    assert set(extras) - {"all"} <= named, sorted(set(extras) - {"all"} - named)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from flat_l2o_plugin.errors import ConfigError
-from flat_l2o_plugin.study.jobs import Job, JobCache, LocalExecutor, StudyJobError, job_key
+from flat_l2o_plugin.study.executors import LocalExecutor
+from flat_l2o_plugin.study.jobs import Job, JobCache, StudyJobError, job_key
 from flat_l2o_plugin.study.pipeline import eval_seed, run_study
 from flat_l2o_plugin.study.regime import load_regime, regime_from_dict
 from flat_l2o_plugin.study.report import analyse, compact, write_report
@@ -19,22 +20,9 @@ from flat_l2o_plugin.study.report import analyse, compact, write_report
 HERE = Path(__file__).resolve().parent
 
 
-class CountingExecutor(LocalExecutor):
-    def __init__(self) -> None:
-        super().__init__(workers=1)
-        self.ran: list[Job] = []
-
-    def run(self, jobs, cache_dir, on_done=None):
-        self.ran += list(jobs)
-        return super().run(jobs, cache_dir, on_done)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    executor = CountingExecutor()
-    results = run_study(load_regime(HERE / "tiny_regime.toml"), out, executor=executor)
-    return out, results, executor
+def tiny(tiny_study):
+    return tiny_study
 
 
 def test_every_row_runs_on_the_seeds_of_the_design(tiny):
@@ -58,10 +46,10 @@ def test_every_row_runs_on_the_seeds_of_the_design(tiny):
     assert all(len(r["weights_digest"]) == 64 for r in results["meta_runs"])
 
 
-def test_a_second_run_finds_every_job_cached(tiny):
+def test_a_second_run_finds_every_job_cached(tiny, counting_executor):
     out, results, first = tiny
     assert first.ran
-    again = CountingExecutor()
+    again = counting_executor()
     rerun = run_study(load_regime(HERE / "tiny_regime.toml"), out, executor=again)
     assert again.ran == []
     assert rerun["runs"] == results["runs"]
@@ -118,6 +106,13 @@ def test_an_untrained_is_that_is_another_update_is_refused(variant):
         run_study(_variant(untrained_is="adam"), out, executor=LocalExecutor(workers=1))
 
 
+def test_the_report_of_a_study_without_flatness_measures_has_its_figure(tiny, tmp_path):
+    _, results, _ = tiny
+    unmeasured = {**results, "runs": [{**r, "top_eigenvalue": float("nan")} for r in results["runs"]]}
+    md = write_report(unmeasured, tmp_path)
+    assert "![curves and flatness]" in md.read_text() and (tmp_path / "img" / "results_tiny.png").exists()
+
+
 def test_a_failing_job_is_named_and_the_others_are_kept(tmp_path):
     data = tomllib.loads((HERE / "tiny_regime.toml").read_text())
     data = copy.deepcopy(data)
@@ -158,3 +153,12 @@ def test_a_job_that_dies_while_storing_leaves_no_result(tmp_path, monkeypatch):
         cache.store(key, {"state_dict": {"w": torch.ones(2)}, "best": 1.0})
     assert not cache.has(key) and [p.suffix for p in calls] == [".safetensors", ".json"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_what_executors_must_agree_on_is_everything_but_wall_clock_time():
+    from flat_l2o_plugin.study.pipeline import without_wall_clock
+
+    results = {"wall_seconds": 3.0, "job_seconds": 2.0, "runs": [{"seconds": 1.0, "test_accuracy": 0.5}],
+               "meta_runs": [{"seconds": 4.0, "validation": [{"step": 0, "score": 0.1}]}]}
+    assert without_wall_clock(results) == {"runs": [{"test_accuracy": 0.5}],
+                                           "meta_runs": [{"validation": [{"step": 0, "score": 0.1}]}]}

@@ -64,10 +64,33 @@ def test_the_tiny_regime_parses():
     ({"budget__held_out_baselines": ["adam"]}, r"must include \['sam'\]"),
     ({"budget__flatness_seeds": -1}, "budget.flatness_seeds"),
     ({"name": None}, "missing name"),
+    ({"executor": "dusk"}, "executor.use: unknown executor 'dusk'"),
+    ({"executor": {"use": "dask://head"}}, "executor.use: 'dask://head' must be dask://HOST:PORT"),
+    ({"executor": {"use": "local", "workers": 2}}, "executor: unknown key 'workers'"),
+    ({"executor": 3}, "executor must be an executor string"),
+    ({"quick": {"setz": {}}}, "did you mean 'sets'"),
 ])
 def test_bad_regimes_name_what_is_wrong(changes, message):
     with pytest.raises(ConfigError, match=message):
-        regime_from_dict(_with(**changes))
+        regime_from_dict(_with(**changes), quick="quick" in changes)
+
+
+def test_a_regime_names_where_its_jobs_run_and_the_record_leaves_it_out():
+    assert regime_from_dict(TINY).executor.use == "local"
+    regime = regime_from_dict(_with(executor={"use": "slurm:/shared/jobs", "slurm": {"slurm_partition": "cpu"}}))
+    assert regime.executor.use == "slurm:/shared/jobs" and regime.executor.slurm == {"slurm_partition": "cpu"}
+    assert regime_from_dict(_with(executor="dask://head:8786")).executor.use == "dask://head:8786"
+    # Where jobs run changes no result, so results.json (which records the source) does not say.
+    assert "executor" not in regime.source and regime.source["name"] == "tiny"
+
+
+def test_quick_mode_may_replace_the_sets():
+    data = _with(quick={"sets": {"selection": ["train"], "held_out": ["select", "wide"]}, "held_out": 1})
+    quick = regime_from_dict(data, quick=True)
+    assert quick.family == ("train",) and quick.selection == ("train",) and quick.held_out == ("select",)
+    assert regime_from_dict(data).held_out == ("wide",)
+    with pytest.raises(ConfigError, match="sets.held_out: unknown task 'nowhere'"):
+        regime_from_dict(_with(quick={"sets": {"held_out": ["nowhere"]}}), quick=True)
 
 
 def test_files_that_are_not_regimes_are_refused_with_their_path(tmp_path):
