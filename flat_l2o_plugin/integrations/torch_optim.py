@@ -246,7 +246,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             else resolved.coordinatewise if resolved.coordinatewise is not None else True
         )
         self.learned_identity: dict[str, Any] = learned_identity(
-            learned, name=resolved.name, options=resolved.options, weights_file=resolved.weights_file)
+            learned, name=resolved.name, options=resolved.options, weights_file=resolved.weights_file,
+            pretrained=resolved.pretrained)
         self._own_keys: frozenset[str] | None = None
         self._warn_each_group = False  # the constructor warns once for all its groups
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -715,6 +716,7 @@ class _Resolved(NamedTuple):
     name: str | None  # the registered name, if known
     options: dict[str, Any] | None  # the factory's options, if known
     weights_file: str | None
+    pretrained: dict[str, str] | None = None  # {"name", "version"} of a pretrained optimizer
 
 
 def _resolve_learned_optimizer(
@@ -752,6 +754,11 @@ def _resolve_learned_optimizer(
             )
         config = read_learned_optimizer_config(weights)
         recorded = config["optimizer"]
+        if isinstance(optimizer, str) and optimizer not in registry and optimizer in pm.components.pretrained:
+            raise ConfigError(
+                f"LearnedOptimizerTorch: {optimizer!r} is a pretrained optimizer with weights of its own; "
+                f"drop weights={os.fspath(weights)!r}, or name the model the file holds"
+            )
         if isinstance(optimizer, str) and recorded != optimizer:
             raise ConfigError(
                 f"LearnedOptimizerTorch: optimizer={optimizer!r} but the weights file "
@@ -771,6 +778,19 @@ def _resolve_learned_optimizer(
         # options stay unknown, class and weights identify it.
         info = _registration_of(registry, module)
         resolved = _Resolved(module, info.coordinatewise if info else None, None, None, None)
+    elif optimizer not in registry and optimizer in pm.components.pretrained:
+        if options:
+            raise ConfigError(
+                f"LearnedOptimizerTorch: options={dict(options)} with pretrained optimizer {optimizer!r}; it is "
+                f"used as meta-trained: drop options= (lr= scales its step)"
+            )
+        from ..optimizers.pretrained import load_pretrained
+
+        loaded = load_pretrained(optimizer, plugin_manager=pm)
+        info = registry.get(loaded.info.optimizer)
+        module = loaded.learned
+        resolved = _Resolved(module, info.coordinatewise, loaded.info.optimizer, loaded.options,
+                             loaded.source, {"name": loaded.info.name, "version": loaded.info.version})
     else:
         assert isinstance(optimizer, str)
         info = registry.get(optimizer, failed_plugins=pm.failures)
