@@ -100,7 +100,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, FlatL2OError
+from ..errors import ConfigError, FlatL2OError, UnknownComponentError
 from ..optimizers._fused import inplace_step
 from ..wrappers.stack import LearnedOptimizerWrapper, host_step
 from ._identity import describe_identity, identity_differences, learned_identity
@@ -793,6 +793,13 @@ def _resolve_learned_optimizer(
                              loaded.source, {"name": loaded.info.name, "version": loaded.info.version})
     else:
         assert isinstance(optimizer, str)
+        if optimizer not in registry:
+            pretrained = pm.components.pretrained.names()
+            try:
+                pm.component("optimizers", optimizer)
+            except UnknownComponentError as exc:
+                raise UnknownComponentError(
+                    f"{exc}; pretrained optimizers: {', '.join(pretrained) or 'none'}") from None
         info = registry.get(optimizer, failed_plugins=pm.failures)
         try:
             module = info.create(**dict(options or {}))
