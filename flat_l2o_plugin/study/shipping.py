@@ -13,7 +13,9 @@ choice; changing what ships is changing one of its lines. The steps, each a comm
 3. ``install NAME RUN_DIR`` copies the run's ``optimizer.safetensors`` into the package
    and records it in ``flat_l2o_plugin/pretrained/index.json``: its SHA-256, the
    version, the license, the wrapper stack and the validation result the run printed.
-4. ``cards`` writes the model cards (:mod:`.cards`).
+4. The model cards (``docs/models/NAME.md`` and the ``card.json`` the index names) are
+   to be generated from the study's and the deploy benchmark's committed JSON; until
+   they exist, ``flat-l2o list pretrained`` shows no card numbers.
 
 ``index.json`` is what the package's own plugin registers, one
 :class:`~flat_l2o_plugin.registry.PretrainedInfo` per entry.
@@ -225,7 +227,7 @@ def install(entry: Shipped, run_dir: str | Path, folder: str | Path | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flat_l2o_plugin.study.shipping {config,install,cards} ...``."""
+    """``python -m flat_l2o_plugin.study.shipping {config,install} ...``."""
     parser = argparse.ArgumentParser(prog="python -m flat_l2o_plugin.study.shipping", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="write the shipped config of NAME (all when none is named)")
@@ -233,22 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("install", help="copy a finished meta-train run of NAME into the package")
     p.add_argument("name")
     p.add_argument("run_dir")
-    p = sub.add_parser("cards", help="write the model cards from the study's and the deploy benchmark's JSON")
-    p.add_argument("--study", default="docs/results.json")
-    p.add_argument("--deploy", default="benchmarks/results/deploy.json")
-    p.add_argument("--docs", default="docs/models")
     args = parser.parse_args(argv)
     try:
         if args.command == "config":
             for entry in [shipped(n) for n in args.names] or SHIPPED:
                 print(write_config(entry))
-        elif args.command == "install":
-            print(json.dumps(install(shipped(args.name), args.run_dir), indent=1))
         else:
-            from .cards import write_cards
-
-            for path in write_cards(study=args.study, deploy=args.deploy, docs=args.docs):
-                print(path)
+            print(json.dumps(install(shipped(args.name), args.run_dir), indent=1))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
