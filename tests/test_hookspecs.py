@@ -63,6 +63,10 @@ class Recorder:
         self.calls["register_tasks"].append({"register": register})
 
     @hookimpl
+    def register_pretrained(self, register):
+        self.calls["register_pretrained"].append({"register": register})
+
+    @hookimpl
     def flatness_terms(self, params, loss_fn, step, optimizer, active, loss, horizon, initial_loss, grads):
         self.calls["flatness_terms"].append(dict(params=params, loss_fn=loss_fn, step=step,
                                                  optimizer=optimizer, active=active, loss=loss,
