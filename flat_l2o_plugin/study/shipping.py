@@ -13,9 +13,9 @@ choice; changing what ships is changing one of its lines. The steps, each a comm
 3. ``install NAME RUN_DIR`` copies the run's ``optimizer.safetensors`` into the package
    and records it in ``flat_l2o_plugin/pretrained/index.json``: its SHA-256, the
    version, the license, the wrapper stack and the validation result the run printed.
-4. The model cards (``docs/models/NAME.md`` and the ``card.json`` the index names) are
-   to be generated from the study's and the deploy benchmark's committed JSON; until
-   they exist, ``flat-l2o list pretrained`` shows no card numbers.
+4. ``cards`` writes the model cards (``docs/models/NAME.md`` and the ``card.json`` the
+   index names, whose summary ``flat-l2o list pretrained`` prints) from the study's
+   compact results and the deploy benchmark's committed JSON (:mod:`.cards`).
 
 ``index.json`` is what the package's own plugin registers, one
 :class:`~flat_l2o_plugin.registry.PretrainedInfo` per entry.
@@ -37,11 +37,14 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 
-__all__ = ["INDEX_FILE", "SHIPPED", "Shipped", "install", "meta_train_config", "pretrained_folder", "read_index",
+__all__ = ["DEPLOY_RESULT", "INDEX_FILE", "SHIPPED", "Shipped", "install", "meta_train_config", "pretrained_folder", "read_index",
            "shipped", "write_config"]
 
 INDEX_FILE = "index.json"
 """The manifest of the shipped optimizers, in ``flat_l2o_plugin/pretrained/``."""
+
+DEPLOY_RESULT = "benchmarks/results/deploy.json"
+"""The deploy benchmark's committed result (``benchmarks/deploy.py --out``), read by the cards."""
 
 LICENSE = "MIT"
 """The shipped weights' license: the package's own."""
@@ -246,11 +249,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("install", help="copy a finished meta-train run of NAME into the package")
     p.add_argument("name")
     p.add_argument("run_dir")
+    p = sub.add_parser("cards", help="write the model cards (docs/models/NAME.md, pretrained/NAME/card.json) of "
+                                     "the installed optimizers (all when none is named)")
+    p.add_argument("names", nargs="*")
+    p.add_argument("--study", default="docs/results.json", help="the study's compact results (default: %(default)s)")
+    p.add_argument("--deploy", default=DEPLOY_RESULT,
+                   help="the deploy benchmark's JSON; without it step cost and state are 'not measured' "
+                        "(default: %(default)s)")
+    p.add_argument("--docs", default="docs", help="documentation folder (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         if args.command == "config":
             for entry in [shipped(n) for n in args.names] or SHIPPED:
                 print(write_config(entry))
+        elif args.command == "cards":
+            from .cards import write_cards
+
+            for path in write_cards(args.study, args.docs, deploy=args.deploy, names=args.names or None):
+                print(path)
         else:
             print(json.dumps(install(shipped(args.name), args.run_dir), indent=1))
     except ConfigError as exc:

@@ -11,30 +11,12 @@ from pathlib import Path
 import pytest
 
 from flat_l2o_plugin.errors import ConfigError
-from flat_l2o_plugin.study.jobs import Job, JobCache, LocalExecutor, StudyJobError, job_key
+from flat_l2o_plugin.study.jobs import JobCache, LocalExecutor, StudyJobError, job_key
 from flat_l2o_plugin.study.pipeline import eval_seed, run_study
 from flat_l2o_plugin.study.regime import load_regime, regime_from_dict
 from flat_l2o_plugin.study.report import analyse, compact, write_report
 
 HERE = Path(__file__).resolve().parent
-
-
-class CountingExecutor(LocalExecutor):
-    def __init__(self) -> None:
-        super().__init__(workers=1)
-        self.ran: list[Job] = []
-
-    def run(self, jobs, cache_dir, on_done=None):
-        self.ran += list(jobs)
-        return super().run(jobs, cache_dir, on_done)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    executor = CountingExecutor()
-    results = run_study(load_regime(HERE / "tiny_regime.toml"), out, executor=executor)
-    return out, results, executor
 
 
 def test_every_row_runs_on_the_seeds_of_the_design(tiny):
@@ -58,10 +40,10 @@ def test_every_row_runs_on_the_seeds_of_the_design(tiny):
     assert all(len(r["weights_digest"]) == 64 for r in results["meta_runs"])
 
 
-def test_a_second_run_finds_every_job_cached(tiny):
+def test_a_second_run_finds_every_job_cached(tiny, counting_executor):
     out, results, first = tiny
     assert first.ran
-    again = CountingExecutor()
+    again = counting_executor()
     rerun = run_study(load_regime(HERE / "tiny_regime.toml"), out, executor=again)
     assert again.ran == []
     assert rerun["runs"] == results["runs"]
