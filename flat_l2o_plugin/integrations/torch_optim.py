@@ -102,10 +102,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, FlatL2OError, UnknownComponentError
 from ..optimizers._fused import inplace_step
-from ..wrappers.stack import LearnedOptimizerWrapper, host_step
+from ..wrappers.stack import LearnedOptimizerWrapper, host_step, unwrap
 from ._identity import describe_identity, identity_differences, learned_identity
 
 __all__ = [
+    "ClosureRequiredError",
     "IDENTITY_KEY",
     "LR_RULE",
     "LearnedOptimizerTorch",
@@ -137,6 +138,10 @@ class OptimizerStateError(ConfigError):
     keys differ) or for other parameters (its sizes differ), and when the state of an
     optimizer taken to be coordinatewise does not split per parameter.
     """
+
+
+class ClosureRequiredError(ConfigError):
+    """``step()`` without a closure on a wrapper stack that evaluates the gradient elsewhere (``sam_gradient``)."""
 
 
 class UntrainedOptimizerWarning(UserWarning):
@@ -302,6 +307,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                 or a group spread over several devices with a learned optimizer that
                 is not coordinatewise.
         """
+        if closure is None:
+            self._check_no_closure_needed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -319,6 +326,20 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         finally:
             self._closure = self._start = None
         return loss
+
+    def _check_no_closure_needed(self) -> None:
+        """Refuse, before anything changes, a stack that needs ``step(closure)`` (see :class:`ClosureRequiredError`)."""
+        needing = [w for w in unwrap(self.learned_optimizer) if getattr(w, "needs_grad_fn", False)]
+        if not needing:
+            return
+        pretrained = self.learned_identity.get("pretrained")
+        what = repr(pretrained["name"]) if pretrained else type(self.learned_optimizer).__name__
+        wrappers = ", ".join(sorted({type(w).__name__ for w in needing}))
+        raise ClosureRequiredError(
+            f"LearnedOptimizerTorch: {what} wraps its model in {wrappers}, which takes a second gradient of the same "
+            f"batch at another point, so it needs optimizer.step(closure) with a closure that zeroes the gradients, "
+            f"recomputes the loss and calls backward(); step() was called without one, as timm's train.py does"
+            + _closure_free_hint())
 
     def _step_groups(self) -> None:
         for index, group in enumerate(self.param_groups):
@@ -708,6 +729,23 @@ def _warn_small_multipliers(groups: Sequence[Mapping[str, Any]], first_index: in
     if small:
         where = ", ".join(f"{k} lr={v:g}" for k, v in small.items())
         warnings.warn(f"LearnedOptimizerTorch: {where}: {LR_RULE}", StepMultiplierWarning, stacklevel=4)
+
+
+def _closure_free_hint() -> str:
+    """Where step() has no closure: the pre-trained optimizers that step without one."""
+    from ..manager import get_plugin_manager
+    from ..optimizers.pretrained import load_pretrained
+
+    pm = get_plugin_manager()
+    usable = []
+    for name in pm.components.pretrained.names():
+        try:
+            learned = load_pretrained(name, plugin_manager=pm).learned
+        except FlatL2OError:
+            continue  # a damaged one is reported where it is used
+        if not any(getattr(w, "needs_grad_fn", False) for w in unwrap(learned)):
+            usable.append(name)
+    return f"; there, use a pre-trained optimizer that needs no closure: {', '.join(usable)}" if usable else ""
 
 
 class _Resolved(NamedTuple):

@@ -155,3 +155,41 @@ def test_cli_lists_pretrained(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "pretrained"]) == 0
     out = capsys.readouterr().out
     assert "model: learned_correction(base=adam, lr=0.01) + sam_gradient(rho=0.1)" in out
+
+
+def test_step_without_a_closure_on_a_sam_stack_names_the_closure_and_a_name_that_needs_none() -> None:
+    from flat_l2o_plugin.integrations.torch_optim import ClosureRequiredError
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = LearnedOptimizerTorch(model.parameters(), "l2o-correction-sam")
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ClosureRequiredError) as caught:
+        opt.step()
+    message = str(caught.value)
+    assert "\n" not in message and "'l2o-correction-sam'" in message and "step(closure)" in message
+    assert "train.py" in message and "l2o-correction-adam" in message and "l2o-correction-sam," not in message
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the same optimizer steps with one
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    plain = LearnedOptimizerTorch(model.parameters(), "l2o-correction-adam")
+    plain.step()  # and a stack that needs no closure steps without
+
+
+def test_a_sam_gradient_of_radius_zero_needs_no_closure() -> None:
+    from flat_l2o_plugin import create_optimizer
+    from flat_l2o_plugin.wrappers import SAMGradient
+
+    model = torch.nn.Linear(3, 1)
+    model(torch.randn(2, 3)).sum().backward()
+    opt = LearnedOptimizerTorch(model.parameters(), SAMGradient(create_optimizer("learned_correction"), rho=0.0))
+    opt.step()
