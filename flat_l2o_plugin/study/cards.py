@@ -390,7 +390,9 @@ def render_card(card: Mapping[str, Any]) -> str:
               f"Recommended: **{lr['multiplier']:g}** ({lr['rule']})."]
     if lr["per_task"]:
         keys = sorted({k for e in lr["per_task"].values() for k in e if k != "multiplier"})
-        lines += ["The study ran this row, on each held-out task, at:", "",
+        lines += [("The study ran this row, on each held-out task, at:" if card["held_out"] is not None else
+                   f"The {lr['deployed_like']} picks on each held-out task (the study deploys this row at them; it "
+                   "did not run it there):"), "",
                   "| task | multiplier | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         lines += [f"| {task} | {e['multiplier']:g} | " + " | ".join(str(e.get(k)) for k in keys) + " |"
                   for task, e in lr["per_task"].items()]

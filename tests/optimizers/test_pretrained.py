@@ -133,9 +133,14 @@ def test_options_and_weights_are_refused_with_a_pretrained_name(tmp_path: Path) 
         LearnedOptimizerTorch(params, "l2o-correction-adam", options={"lr": 0.1})
 
 
-def test_timm_creates_every_pretrained_name_with_no_arguments() -> None:
+def test_timm_creates_every_pretrained_name_with_no_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     timm = pytest.importorskip("timm")
+    from timm.optim._optim_factory import default_registry
+
     from flat_l2o_plugin.integrations.timm import register_installed_with_timm
+
+    # timm's registry is global: what this test registers leaves with it.
+    monkeypatch.setattr(default_registry, "_optimizers", dict(default_registry._optimizers))
 
     registered = register_installed_with_timm()
     model = torch.nn.Linear(4, 2)
