@@ -14,7 +14,7 @@ from .hookspecs import hookimpl, hookspec
 from .host import FlatL2O
 from .manager import get_plugin_manager
 from .protocols import LearnedOptimizer, Regularizer, Task
-from .registry import OptimizerInfo, RegularizerInfo, TaskInfo, WrapperInfo
+from .registry import OptimizerInfo, PretrainedInfo, RegularizerInfo, TaskInfo, WrapperInfo
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "FlatL2OError",
     "LearnedOptimizer",
     "OptimizerInfo",
+    "PretrainedInfo",
     "Regularizer",
     "RegularizerInfo",
     "Task",
@@ -36,6 +37,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "list_optimizers",
+    "list_pretrained",
     "list_regularizers",
     "list_tasks",
 ]
@@ -68,6 +70,11 @@ def list_regularizers(filter: str = "", with_description: bool = False) -> list[
 def list_optimizers(filter: str = "", with_description: bool = False) -> list[Any]:
     """Names of the registered learned optimizers (see :func:`list_regularizers`)."""
     return _list("optimizers", filter, with_description)
+
+
+def list_pretrained(filter: str = "", with_description: bool = False) -> list[Any]:
+    """Names of the pre-trained learned optimizers (see :func:`list_regularizers`)."""
+    return _list("pretrained", filter, with_description)
 
 
 def list_tasks(filter: str = "", with_description: bool = False) -> list[Any]:

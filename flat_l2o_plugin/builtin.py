@@ -1,4 +1,4 @@
-"""The package's own plugin: the regularizers, learned optimizers, wrappers and tasks we ship.
+"""The package's own plugin: the regularizers, learned optimizers, wrappers, tasks and pre-trained optimizers we ship.
 
 It is registered through our own entry point (``builtin``) and uses nothing but the
 public contract, exactly as a third-party plugin would.
@@ -6,11 +6,13 @@ public contract, exactly as a third-party plugin would.
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from typing import Callable
 
 from .hookspecs import hookimpl
 from .optimizers import L2ODM, L2OScale, LearnedCorrection, RNNProp
-from .registry import OptimizerInfo, RegularizerInfo, TaskInfo, WrapperInfo
+from .registry import OptimizerInfo, PretrainedInfo, RegularizerInfo, TaskInfo, WrapperInfo
 from .regularizers import HessianTopEigenvalue, HessianTrace, LocalEntropy, Sharpness
 from .tasks import ConvTask, LogisticRegressionTask, MLPTask, QuadraticTask, RosenbrockTask, TimmTask
 from .wrappers import FlatnessAware, ForeignAdapter, SAMGradient
@@ -105,4 +107,25 @@ def register_wrappers(register: Callable[[WrapperInfo], None]) -> None:
 @hookimpl
 def register_tasks(register: Callable[[TaskInfo], None]) -> None:
     for info in TASKS:
+        register(info)
+
+
+def shipped_pretrained() -> tuple[PretrainedInfo, ...]:
+    """The pre-trained optimizers in ``flat_l2o_plugin/pretrained/index.json`` (see :mod:`.study.shipping`)."""
+    folder = resources.files(__package__).joinpath("pretrained")
+    index = folder.joinpath("index.json")
+    if not index.is_file():
+        return ()
+    return tuple(
+        PretrainedInfo(name=e["name"], optimizer=e["optimizer"], package=__package__,
+                       weights=f"pretrained/{e['weights']}", sha256=e["sha256"], version=e["version"],
+                       license=e["license"], options=e["options"], wrappers=tuple(e["wrappers"]),
+                       card=f"pretrained/{e['card']}", config=f"pretrained/{e['config']}",
+                       description=e["description"])
+        for e in json.loads(index.read_text(encoding="utf-8")))
+
+
+@hookimpl
+def register_pretrained(register: Callable[[PretrainedInfo], None]) -> None:
+    for info in shipped_pretrained():
         register(info)

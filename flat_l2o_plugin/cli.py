@@ -18,7 +18,7 @@ from .errors import ConfigError, FlatL2OError, MissingExtraError, UnknownCompone
 
 __all__ = ["main"]
 
-_KINDS = ("regularizers", "optimizers", "wrappers", "tasks")
+_KINDS = ("regularizers", "optimizers", "wrappers", "tasks", "pretrained")
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 
 
@@ -53,6 +53,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .manager import get_plugin_manager
 
     pm = get_plugin_manager()
+    if args.kind == "pretrained":
+        return _list_pretrained(pm, args)
     registry = getattr(pm.components, args.kind)
     rows = [{"name": info.name, "description": info.description, "plugin": registry.provider(info.name)}
             for info in registry]
@@ -79,6 +81,39 @@ def _cmd_list(args: argparse.Namespace) -> int:
             keys = first + sorted(ACTIVATION_KEYS - set(first))
             print(f"\nevery regularizer also takes the activation keys {', '.join(keys)} (README: Activation config)")
     for name, error in pm.failures.items():
+        print(f"warning: plugin {name!r} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
+def _list_pretrained(pm: object, args: argparse.Namespace) -> int:
+    """``flat-l2o list pretrained``: each one with its card's numbers, and whether its weights check out."""
+    from .optimizers.pretrained import pretrained_digest_error, read_card
+
+    registry = pm.components.pretrained  # type: ignore[attr-defined]
+    rows = []
+    for info in registry:
+        card = read_card(info)
+        rows.append({
+            "name": info.name, "version": info.version, "plugin": registry.provider(info.name),
+            "description": info.description, "optimizer": info.optimizer, "options": dict(info.options),
+            "wrappers": [dict(w) for w in info.wrappers], "license": info.license, "sha256": info.sha256,
+            "status": pretrained_digest_error(info, registry.provider(info.name)) or "ok",
+            "card": card if isinstance(card, dict) else None,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        wrappers = "".join(f" + {w['name']}({', '.join(f'{k}={v}' for k, v in w.items() if k != 'name')})"
+                           for w in r["wrappers"])
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        print(f"{r['name']} {r['version']}  {r['description']}  [{r['plugin']}, {r['license']}]")
+        print(f"    model: {r['optimizer']}({options}){wrappers}")
+        for key, value in (r["card"] or {}).get("summary", {}).items():
+            print(f"    {key}: {value}")
+        if r["status"] != "ok":
+            print(f"    refused: {r['status']}")
+    for name, error in pm.failures.items():  # type: ignore[attr-defined]
         print(f"warning: plugin {name!r} failed to load: {error}", file=sys.stderr)
     return 0
 
@@ -177,6 +212,10 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     from .config import Config, load_config, validate_components
     from .training.runner import WEIGHTS_FILE, run_meta_training
 
+    if (args.config is None) == (args.config_option is None):
+        raise ConfigError("meta-train needs one config: flat-l2o meta-train CONFIG or flat-l2o meta-train --config "
+                          "CONFIG" + (", not both" if args.config is not None else ""))
+    args.config = args.config or args.config_option
     config = load_config(args.config, table=args.table, overrides=args.set or [])
     if args.run_dir is not None:
         config.run_dir = args.run_dir
@@ -190,7 +229,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
         print(f"flat-l2o: note: {args.config} sets nothing beyond the defaults: a default run of "
               f"{config.trainer.meta_steps} meta-steps ({config.optimizer.name} on {config.task.name}) in {run_dir}",
               file=sys.stderr)
-    print(f"meta-training {config.optimizer.name or config.optimizer.module} on {config.task.name}; run folder "
+    tasks = ", ".join(t.name for t in config.tasks) if config.tasks else config.task.name
+    print(f"meta-training {config.optimizer.name or config.optimizer.module} on {tasks}; run folder "
           f"{run_dir}", file=sys.stderr)
     _log_to_stderr()
     try:
@@ -284,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered components of one kind",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  flat-l2o list regularizers\n  flat-l2o list wrappers -v\n"
-                              "  flat-l2o list optimizers --json")
+                              "  flat-l2o list optimizers --json\n  flat-l2o list pretrained")
     p.add_argument("kind", choices=_KINDS)
     p.add_argument("-v", "--verbose", action="store_true", help="also every component's options with defaults")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -296,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "  flat-l2o meta-train run.toml --set trainer.meta_steps=500 --set regularizers."
                               "sharpness.weight=0.1\n  flat-l2o meta-train pyproject.toml   # its [tool.flat_l2o] table\n"
                               "  flat-l2o meta-train run.toml --resume   # after a kill or Ctrl-C")
-    p.add_argument("config", help="a .toml/.yaml/.json config, or a pyproject.toml with [tool.flat_l2o]")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a .toml/.yaml/.json config, or a pyproject.toml with [tool.flat_l2o]")
+    p.add_argument("--config", dest="config_option", default=None, metavar="CONFIG",
+                   help="the config, as an option (the same as the positional argument)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--table", default=None, help="dotted table holding our config inside a host's file")
     p.add_argument("--run-dir", default=None, help="run folder (default: the config's run_dir)")

@@ -16,6 +16,13 @@ Layout (TOML shown; YAML and plain dicts have the same shape)::
     name = "mlp_digits"
     options = { activation = "relu" }
 
+    # ... or a task family: each trajectory draws one task uniformly (replaces [task])
+    # [[tasks]]
+    # name = "mlp"
+    # options = { hidden_sizes = [50], activation = "tanh" }
+    # [[tasks]]
+    # name = "conv"
+
     [regularizers.hessian_top_eigenvalue]   # the activation config (see FlatL2O)
     weight = 0.1
     start_fraction = 0.5
@@ -122,6 +129,8 @@ class Config:
 
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     task: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp_digits"))
+    tasks: list[ComponentSpec] = field(default_factory=list)
+    """A task family (each trajectory draws one uniformly); when not empty it replaces ``task``."""
     regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     wrappers: list[dict[str, Any]] = field(default_factory=list)
     """``{"name": <registered wrapper>, **options}`` per wrapper, innermost first."""
@@ -266,6 +275,24 @@ def _optimizer(data: Any, where: str) -> OptimizerSpec:
     return spec
 
 
+def _task_family(data: Any, where: str) -> list[ComponentSpec]:
+    if not isinstance(data, (list, tuple)):
+        raise ConfigValueError(f"{where} must be a list of task tables {{name = <task>, options = {{...}}}}, "
+                               f"got {data!r}")
+    family = []
+    for index, item in enumerate(data):
+        at = f"{where}[{index}]"
+        if isinstance(item, (list, tuple)):  # the study's ["mlp", {options}] pairs
+            if len(item) != 2 or not isinstance(item[1], Mapping):
+                raise ConfigValueError(f"{at} must be a table {{name = <task>, options = {{...}}}} or a pair "
+                                       f"[<task>, {{options}}], got {item!r}")
+            item = {"name": item[0], "options": item[1]}
+        if isinstance(item, Mapping) and "name" not in item:
+            raise ConfigValueError(f"{at}.name is missing: name the registered task")
+        family.append(_component(item, at))
+    return family
+
+
 def _regularizers(data: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(data, Mapping):
         raise ConfigValueError(f"{where} must be a table of regularizer tables, got {data!r}")
@@ -308,6 +335,7 @@ _NESTED = {
     MetaTrainConfig: lambda d, w: _dataclass_from(MetaTrainConfig, d, w),
     dict[str, dict[str, Any]]: _regularizers,
     list[dict[str, Any]]: _wrappers,
+    list[ComponentSpec]: _task_family,
 }
 
 
@@ -320,6 +348,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     optimizer = data.get("optimizer")
     if isinstance(optimizer, Mapping) and optimizer.get("module") is not None and "name" not in optimizer:
         defaults["optimizer"]["name"] = None  # a module replaces the default registered name
+    if data.get("tasks") and "task" in data:
+        raise ConfigValueError("tasks: give a task family ([[tasks]]) or one task ([task]), not both")
     config = _dataclass_from(Config, _merge(defaults, data), "")
     if config.val_tasks < 0:
         raise ConfigValueError(f"val_tasks must be >= 0, got {config.val_tasks!r}")
@@ -533,7 +563,8 @@ def validate_components(config: Config, plugin_manager: Any = None) -> None:
     from .training.runner import build_learned_optimizer
 
     pm = plugin_manager if plugin_manager is not None else config.plugin_manager()
-    kinds = [("task", "tasks", config.task.name, config.task.options)]
+    kinds = ([(f"tasks[{i}]", "tasks", spec.name, spec.options) for i, spec in enumerate(config.tasks)]
+             if config.tasks else [("task", "tasks", config.task.name, config.task.options)])
     if config.optimizer.name is not None:
         kinds.insert(0, ("optimizer", "optimizers", config.optimizer.name, config.optimizer.options))
     for where, kind, name, options in kinds:

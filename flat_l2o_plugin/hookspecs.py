@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from .activation import ActiveRegularizer
     from .protocols import LossFn, Params
-    from .registry import OptimizerInfo, RegularizerInfo, TaskInfo, WrapperInfo
+    from .registry import OptimizerInfo, PretrainedInfo, RegularizerInfo, TaskInfo, WrapperInfo
 
 __all__ = ["PROJECT_NAME", "hookspec", "hookimpl"]
 
@@ -126,6 +126,24 @@ def register_tasks(register: Callable[[TaskInfo], None]) -> None:
         register: Call it with a :class:`~flat_l2o_plugin.TaskInfo` whose
             ``factory(**options)`` returns a :class:`~flat_l2o_plugin.protocols.Task`
             (functional ``init_params`` / ``sample_batch`` / ``loss`` / ``evaluate``).
+    """
+
+
+@hookspec
+def register_pretrained(register: Callable[[PretrainedInfo], None]) -> None:
+    """Register pre-trained learned optimizers: meta-trained weights shipped inside a distribution.
+
+    Args:
+        register: Call it with a :class:`~flat_l2o_plugin.PretrainedInfo` per optimizer:
+            its name, the zoo model and options, the wrapper stack, the weights file
+            inside the plugin's package (read with ``importlib.resources``), that file's
+            SHA-256, a version, a license and a model card.
+
+    Registration reads no file. Using the optimizer reads the weights (safetensors only,
+    nothing is unpickled) and refuses them, with an error naming the file and the
+    plugin, when their SHA-256 is not the registered one; other components keep
+    working. A name registered twice, or equal to a learned-optimizer model's name, is
+    an error naming both plugins.
     """
 
 

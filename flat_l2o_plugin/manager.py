@@ -38,7 +38,7 @@ from . import hookspecs
 from .errors import (DisabledComponentError, DuplicateComponentError, PluginLoadError, PluginLoadWarning,
                      PluginValidationError)
 from .hookspecs import PROJECT_NAME
-from .registry import ComponentInfo, OptimizerInfo, Registry, RegularizerInfo, TaskInfo, WrapperInfo
+from .registry import ComponentInfo, OptimizerInfo, PretrainedInfo, Registry, RegularizerInfo, TaskInfo, WrapperInfo
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -65,6 +65,7 @@ _COMPONENT_KINDS: dict[str, tuple[str, type[ComponentInfo]]] = {
     "optimizers": ("register_optimizers", OptimizerInfo),
     "wrappers": ("register_wrappers", WrapperInfo),
     "tasks": ("register_tasks", TaskInfo),
+    "pretrained": ("register_pretrained", PretrainedInfo),
 }
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class Components:
     optimizers: Registry[OptimizerInfo]
     wrappers: Registry[WrapperInfo]
     tasks: Registry[TaskInfo]
+    pretrained: Registry[PretrainedInfo]
 
 
 class FlatL2OPluginManager(pluggy.PluginManager):
@@ -339,7 +341,9 @@ class FlatL2OPluginManager(pluggy.PluginManager):
         return self._components
 
     def _collect_components(self) -> Components:
-        registries = {kind: Registry(kind.rstrip("s"), info) for kind, (_, info) in _COMPONENT_KINDS.items()}
+        registries: dict[str, Registry[Any]] = {kind: Registry(kind.rstrip("s"), info)
+                                                for kind, (_, info) in _COMPONENT_KINDS.items()}
+        registries["pretrained"].kind = "pretrained optimizer"
         for record in self.records.values():
             record.conflicts = []
         for name in self.loaded_plugins():
@@ -363,15 +367,23 @@ class FlatL2OPluginManager(pluggy.PluginManager):
                     first = self.records[registries[kind].provider(info.name)]
                     self._record_conflict(registries[kind], info.name, first, record)
                     continue
+                # One name, one thing: LearnedOptimizerTorch(params, name) takes either kind.
+                other = {"optimizers": "pretrained", "pretrained": "optimizers"}.get(kind)
+                if other is not None and info.name in registries[other]:
+                    first = self.records[registries[other].provider(info.name)]
+                    self._record_conflict(registries[kind], info.name, first, record,
+                                          what=f"{registries[other].kind} and {registries[kind].kind}")
+                    continue
                 registries[kind].add(info, provider=name)
                 record.components.setdefault(kind, []).append(info.name)
         return Components(**registries)
 
-    def _record_conflict(self, registry: Registry[Any], name: str, first: PluginRecord, second: PluginRecord) -> None:
+    def _record_conflict(self, registry: Registry[Any], name: str, first: PluginRecord, second: PluginRecord,
+                         what: str | None = None) -> None:
         # Suggest switching off a third-party plugin by the name pip knows it by.
         culprit = second if first.name == BUILTIN_PLUGIN or second.name != BUILTIN_PLUGIN else first
         off = culprit.distribution or culprit.name
-        message = (f"{registry.kind} {name!r} is registered by both {_describe(first)} and {_describe(second)}; "
+        message = (f"{what or registry.kind} {name!r} is registered by both {_describe(first)} and {_describe(second)}; "
                    f"disable one to resolve it: {ENV_DISABLE}={off} (or [plugins] disable = [{off!r}]), "
                    f"or rename the component in its plugin")
         self._conflicts.append(message)

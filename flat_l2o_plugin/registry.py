@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
@@ -21,6 +22,7 @@ __all__ = [
     "OptimizerInfo",
     "WrapperInfo",
     "TaskInfo",
+    "PretrainedInfo",
     "Registry",
     "REQUIRED",
 ]
@@ -147,6 +149,68 @@ class WrapperInfo(ComponentInfo):
 @dataclass(frozen=True)
 class TaskInfo(ComponentInfo):
     """An optimizee task: ``factory(**options)`` returns a :class:`~flat_l2o_plugin.protocols.Task`."""
+
+
+_PRETRAINED_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class PretrainedInfo:
+    """A meta-trained learned optimizer shipped inside a distribution: what it is and where its weights lie.
+
+    Nothing is read when it is registered; the weights file is read, checked against
+    ``sha256`` and loaded when the optimizer is used
+    (:func:`~flat_l2o_plugin.optimizers.pretrained.load_pretrained`).
+
+    Attributes:
+        name: What users type: ``LearnedOptimizerTorch(params, name)``,
+            ``timm.optim.create_optimizer_v2(model, name)``. Lower case letters, digits,
+            ``-`` and ``.`` (timm reads ``_`` as a prefix separator).
+        optimizer: The registered learned-optimizer model (the zoo name) the weights are for.
+        package: The import name of the package holding the files, for ``importlib.resources``.
+        weights: The weights file inside ``package`` (``"pretrained/x/weights.safetensors"``),
+            written by :func:`~flat_l2o_plugin.optimizers.weights.save_learned_optimizer`.
+        sha256: The SHA-256 of the weights file's bytes (what ``sha256sum`` prints).
+        version: Of these weights; part of an optimizer state's identity.
+        license: Of these weights (an SPDX identifier).
+        options: The model's options, as meta-trained (the weights file records them too;
+            they must agree).
+        wrappers: The wrapper stack, innermost first, ``({"name": ..., **options}, ...)``.
+        card: A model card inside ``package``: a JSON file
+            (:data:`~flat_l2o_plugin.optimizers.pretrained.CARD_FIELDS`) or any text file.
+        config: The config inside ``package`` that ``flat-l2o meta-train --config`` made it from.
+        description: One line for ``flat-l2o list pretrained``.
+    """
+
+    name: str
+    optimizer: str
+    package: str
+    weights: str
+    sha256: str
+    version: str
+    license: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    wrappers: tuple[Mapping[str, Any], ...] = ()
+    card: str | None = None
+    config: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"PretrainedInfo({self.name!r})"
+        if not isinstance(self.name, str) or not _PRETRAINED_NAME.fullmatch(self.name):
+            raise ValueError(f"{where}.name must be lower case letters, digits, '-' or '.' (a name timm can select)")
+        for key in ("optimizer", "package", "weights", "version", "license"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"{where}.{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if not self.weights.endswith(".safetensors"):
+            raise ValueError(f"{where}.weights must be a .safetensors file (nothing else is ever loaded), "
+                             f"got {self.weights!r}")
+        if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
+            raise ValueError(f"{where}.sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
+        if not isinstance(self.wrappers, tuple) or not all(
+                isinstance(w, Mapping) and isinstance(w.get("name"), str) for w in self.wrappers):
+            raise ValueError(f"{where}.wrappers must be a tuple of {{'name': <wrapper>, **options}} mappings")
 
 
 InfoT = TypeVar("InfoT", bound=ComponentInfo)

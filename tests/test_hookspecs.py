@@ -15,7 +15,8 @@ from flat_l2o_plugin.registry import ComponentInfo, OptimizerInfo, TaskInfo, Wra
 SPEC_MARKER = f"{hookspecs.PROJECT_NAME}_spec"
 SPECS = {name: fn for name, fn in vars(hookspecs).items()
          if inspect.isfunction(fn) and hasattr(fn, SPEC_MARKER)}
-REGISTRATION_HOOKS = ("register_regularizers", "register_optimizers", "register_wrappers", "register_tasks")
+REGISTRATION_HOOKS = ("register_regularizers", "register_optimizers", "register_wrappers", "register_tasks",
+                      "register_pretrained")
 RUNTIME_HOOKS = ("flatness_terms", "after_unroll")
 
 
@@ -60,6 +61,10 @@ class Recorder:
     @hookimpl
     def register_tasks(self, register):
         self.calls["register_tasks"].append({"register": register})
+
+    @hookimpl
+    def register_pretrained(self, register):
+        self.calls["register_pretrained"].append({"register": register})
 
     @hookimpl
     def flatness_terms(self, params, loss_fn, step, optimizer, active, loss, horizon, initial_loss, grads):

@@ -141,6 +141,21 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_outside_the_checkout(built: d
     assert results["dask"]["headline"] and results["dask"]["environment"]["flat_l2o_plugin"] == "0.1.0"
     assert _without_wall_clock(results["dask"]) == _without_wall_clock(results["local"])
 
+    # The shipped pre-trained optimizers travel in the wheel and load from the installed package.
+    from flat_l2o_plugin.builtin import shipped_pretrained
+
+    shipped = shipped_pretrained()
+    assert shipped and all(info.weights.startswith("pretrained/") for info in shipped)
+    for info in shipped:
+        assert f"flat_l2o_plugin/{info.weights}" in names and f"flat_l2o_plugin/{info.config}" in names
+    listed = _run([str(command), "list", "pretrained", "--json"], outside, env).stdout
+    assert {row["name"]: row["status"] for row in json.loads(listed)} == {info.name: "ok" for info in shipped}
+    trained = _run([str(python), "-c", "import torch, flat_l2o_plugin as f; "
+                    "from flat_l2o_plugin.integrations.torch_optim import LearnedOptimizerTorch as L; "
+                    f"o = L(torch.nn.Linear(2, 1).parameters(), {shipped[0].name!r}); "
+                    "print(f.__file__, o.learned_identity['weights_file'])"], outside, env).stdout
+    assert str(site / "flat_l2o_plugin") in trained and str(site / "flat_l2o_plugin" / "pretrained") in trained
+
     # A core-only install: every optional package refused at import. The package
     # imported is the installed one.
     checked = _run([str(python), "-c", CORE_CHECK], outside, core_only_env(work / "core-only", env)).stdout

@@ -20,7 +20,7 @@ __all__ = ["describe_identity", "identity_differences", "learned_identity", "wei
 # Compared whenever present; name and options are unknown (None) for a module built
 # outside the registry, and are compared only when both sides know them.
 _ALWAYS = ("class", "weights_sha256")
-_WHEN_KNOWN = ("optimizer", "options")
+_WHEN_KNOWN = ("optimizer", "options", "pretrained")
 
 
 def weights_digest(tensors: Mapping[str, Tensor]) -> str:
@@ -34,9 +34,13 @@ def weights_digest(tensors: Mapping[str, Tensor]) -> str:
 
 
 def learned_identity(module: nn.Module, *, name: str | None, options: Mapping[str, Any] | None,
-                     weights_file: str | None) -> dict[str, Any]:
-    """The identity of a learned optimizer: registered name, class, options, weights digest, file."""
+                     weights_file: str | None, pretrained: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The identity of a learned optimizer: registered name, class, options, weights digest, file.
+
+    ``pretrained`` is ``{"name", "version"}`` of a pre-trained optimizer, ``None`` otherwise.
+    """
     return {
+        "pretrained": None if pretrained is None else dict(pretrained),
         "optimizer": name,
         "class": f"{type(module).__module__}.{type(module).__qualname__}",
         "options": None if options is None else copy.deepcopy(dict(options)),
@@ -55,5 +59,8 @@ def identity_differences(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> l
 def describe_identity(identity: Mapping[str, Any]) -> str:
     """``'rnnprop', weights sha256 3b4d530be95b from runs/rnnprop.safetensors``."""
     name = identity.get("optimizer") or str(identity.get("class", "?")).rsplit(".", 1)[-1]
+    pretrained = identity.get("pretrained")
+    if isinstance(pretrained, Mapping):
+        name = f"{pretrained.get('name')} version {pretrained.get('version')}"
     text = f"{name!r}, weights sha256 {str(identity.get('weights_sha256'))[:12]}"
     return text + (f" from {identity['weights_file']}" if identity.get("weights_file") else "")

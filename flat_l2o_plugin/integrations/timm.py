@@ -11,7 +11,8 @@ script's ``--opt`` included::
 
 :func:`register_installed_with_timm` registers every installed learned optimizer at
 once, under :func:`timm_name` (``rnnprop`` as ``l2o-rnnprop``), taking the weights file
-from the ``weights`` keyword at creation; :mod:`.timm_train` does that for timm's
+from the ``weights`` keyword at creation, and every pre-trained one under its own name
+(``flat-l2o list pretrained``), with its shipped weights and nothing to pass; :mod:`.timm_train` does that for timm's
 ``train.py`` without editing it (``--opt-kwargs weights=FILE``).
 
 What timm's arguments mean for a learned optimizer (it builds a
@@ -180,7 +181,7 @@ def register_installed_with_timm(
     registry: OptimizerRegistry | None = None,
     plugin_manager: Any = None,
 ) -> dict[str, OptimInfo]:
-    """Register every installed learned optimizer in timm, each built from a weights file.
+    """Register every installed learned optimizer in timm, each built from a weights file, and every pretrained one.
 
     The learned optimizer registered as ``name`` (by this package or any plugin) becomes
     timm's :func:`timm_name` ``(name)``. Creating one takes the weights file from the
@@ -249,7 +250,33 @@ def register_installed_with_timm(
             continue
         registry.register(info)
         registered[tname] = info
+    for name in pm.components.pretrained.names():
+        defaults = {"optimizer": name}
+        if plugin_manager is not None:
+            defaults["plugin_manager"] = plugin_manager
+        info = OptimInfo(
+            name=name, opt_class=_pretrained, has_eps=False, has_momentum=False, has_betas=False, defaults=defaults,
+            description=(f"flat-l2o-plugin pretrained learned optimizer {name!r} "
+                         f"({pm.components.pretrained.get(name).description}); lr multiplies the learned update"))
+        if name in registry.list_optimizers():
+            existing = registry.get_optimizer_info(name)
+            if existing == info:
+                registered[name] = existing
+            elif existing.opt_class is not LearnedOptimizerTorch:
+                warnings.warn(f"register_installed_with_timm: timm's optimizer {name!r} is kept; pretrained "
+                              f"optimizer {name!r} is not registered under that name", stacklevel=2)
+            continue
+        registry.register(info)
+        registered[name] = info
     return registered
+
+
+def _pretrained(params: Iterable[Any], optimizer: str, *, weights: Any = None, **kwargs: Any) -> LearnedOptimizerTorch:
+    """The creator timm calls for a pretrained name: its shipped weights, never a file of the user's."""
+    if weights is not None:
+        raise ConfigError(f"timm optimizer {optimizer!r} is pretrained and loads its own weights; drop "
+                          f"weights={weights!r} (train.py: --opt-kwargs weights=...)")
+    return LearnedOptimizerTorch(params, optimizer, **kwargs)
 
 
 def _from_weights(params: Iterable[Any], optimizer: str, *, timm_name: str,

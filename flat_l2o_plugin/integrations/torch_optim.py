@@ -100,12 +100,13 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, FlatL2OError
+from ..errors import ConfigError, FlatL2OError, UnknownComponentError
 from ..optimizers._fused import inplace_step
-from ..wrappers.stack import LearnedOptimizerWrapper, host_step
+from ..wrappers.stack import LearnedOptimizerWrapper, host_step, unwrap
 from ._identity import describe_identity, identity_differences, learned_identity
 
 __all__ = [
+    "ClosureRequiredError",
     "IDENTITY_KEY",
     "LR_RULE",
     "LearnedOptimizerTorch",
@@ -137,6 +138,10 @@ class OptimizerStateError(ConfigError):
     keys differ) or for other parameters (its sizes differ), and when the state of an
     optimizer taken to be coordinatewise does not split per parameter.
     """
+
+
+class ClosureRequiredError(ConfigError):
+    """``step()`` without a closure on a wrapper stack that evaluates the gradient elsewhere (``sam_gradient``)."""
 
 
 class UntrainedOptimizerWarning(UserWarning):
@@ -246,7 +251,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             else resolved.coordinatewise if resolved.coordinatewise is not None else True
         )
         self.learned_identity: dict[str, Any] = learned_identity(
-            learned, name=resolved.name, options=resolved.options, weights_file=resolved.weights_file)
+            learned, name=resolved.name, options=resolved.options, weights_file=resolved.weights_file,
+            pretrained=resolved.pretrained)
         self._own_keys: frozenset[str] | None = None
         self._warn_each_group = False  # the constructor warns once for all its groups
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -301,6 +307,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
                 or a group spread over several devices with a learned optimizer that
                 is not coordinatewise.
         """
+        if closure is None:
+            self._check_no_closure_needed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -318,6 +326,20 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         finally:
             self._closure = self._start = None
         return loss
+
+    def _check_no_closure_needed(self) -> None:
+        """Refuse, before anything changes, a stack that needs ``step(closure)`` (see :class:`ClosureRequiredError`)."""
+        needing = [w for w in unwrap(self.learned_optimizer) if getattr(w, "needs_grad_fn", False)]
+        if not needing:
+            return
+        pretrained = self.learned_identity.get("pretrained")
+        what = repr(pretrained["name"]) if pretrained else type(self.learned_optimizer).__name__
+        wrappers = ", ".join(sorted({type(w).__name__ for w in needing}))
+        raise ClosureRequiredError(
+            f"LearnedOptimizerTorch: {what} wraps its model in {wrappers}, which takes a second gradient of the same "
+            f"batch at another point, so it needs optimizer.step(closure) with a closure that zeroes the gradients, "
+            f"recomputes the loss and calls backward(); step() was called without one, as timm's train.py does"
+            + _closure_free_hint())
 
     def _step_groups(self) -> None:
         for index, group in enumerate(self.param_groups):
@@ -709,12 +731,30 @@ def _warn_small_multipliers(groups: Sequence[Mapping[str, Any]], first_index: in
         warnings.warn(f"LearnedOptimizerTorch: {where}: {LR_RULE}", StepMultiplierWarning, stacklevel=4)
 
 
+def _closure_free_hint() -> str:
+    """Where step() has no closure: the pre-trained optimizers that step without one."""
+    from ..manager import get_plugin_manager
+    from ..optimizers.pretrained import load_pretrained
+
+    pm = get_plugin_manager()
+    usable = []
+    for name in pm.components.pretrained.names():
+        try:
+            learned = load_pretrained(name, plugin_manager=pm).learned
+        except FlatL2OError:
+            continue  # a damaged one is reported where it is used
+        if not any(getattr(w, "needs_grad_fn", False) for w in unwrap(learned)):
+            usable.append(name)
+    return f"; there, use a pre-trained optimizer that needs no closure: {', '.join(usable)}" if usable else ""
+
+
 class _Resolved(NamedTuple):
     module: nn.Module
     coordinatewise: bool | None  # from the registration, if the optimizer is registered
     name: str | None  # the registered name, if known
     options: dict[str, Any] | None  # the factory's options, if known
     weights_file: str | None
+    pretrained: dict[str, str] | None = None  # {"name", "version"} of a pretrained optimizer
 
 
 def _resolve_learned_optimizer(
@@ -752,6 +792,11 @@ def _resolve_learned_optimizer(
             )
         config = read_learned_optimizer_config(weights)
         recorded = config["optimizer"]
+        if isinstance(optimizer, str) and optimizer not in registry and optimizer in pm.components.pretrained:
+            raise ConfigError(
+                f"LearnedOptimizerTorch: {optimizer!r} is a pretrained optimizer with weights of its own; "
+                f"drop weights={os.fspath(weights)!r}, or name the model the file holds"
+            )
         if isinstance(optimizer, str) and recorded != optimizer:
             raise ConfigError(
                 f"LearnedOptimizerTorch: optimizer={optimizer!r} but the weights file "
@@ -771,8 +816,28 @@ def _resolve_learned_optimizer(
         # options stay unknown, class and weights identify it.
         info = _registration_of(registry, module)
         resolved = _Resolved(module, info.coordinatewise if info else None, None, None, None)
+    elif optimizer not in registry and optimizer in pm.components.pretrained:
+        if options:
+            raise ConfigError(
+                f"LearnedOptimizerTorch: options={dict(options)} with pretrained optimizer {optimizer!r}; it is "
+                f"used as meta-trained: drop options= (lr= scales its step)"
+            )
+        from ..optimizers.pretrained import load_pretrained
+
+        loaded = load_pretrained(optimizer, plugin_manager=pm)
+        info = registry.get(loaded.info.optimizer)
+        module = loaded.learned
+        resolved = _Resolved(module, info.coordinatewise, loaded.info.optimizer, loaded.options,
+                             loaded.source, {"name": loaded.info.name, "version": loaded.info.version})
     else:
         assert isinstance(optimizer, str)
+        if optimizer not in registry:
+            pretrained = pm.components.pretrained.names()
+            try:
+                pm.component("optimizers", optimizer)
+            except UnknownComponentError as exc:
+                raise UnknownComponentError(
+                    f"{exc}; pretrained optimizers: {', '.join(pretrained) or 'none'}") from None
         info = registry.get(optimizer, failed_plugins=pm.failures)
         try:
             module = info.create(**dict(options or {}))

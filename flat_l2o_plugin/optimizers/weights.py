@@ -54,7 +54,9 @@ __all__ = [
     "METADATA_KEY",
     "WeightsError",
     "load_learned_optimizer",
+    "load_learned_optimizer_bytes",
     "read_learned_optimizer_config",
+    "read_learned_optimizer_config_bytes",
     "save_learned_optimizer",
     "tensors_digest",
 ]
@@ -220,7 +222,42 @@ def load_learned_optimizer(path: str | os.PathLike[str], *, plugin_manager: Any 
                 f"learned optimizer file {path}: cannot read its tensors ({exc}); the file may be "
                 f"truncated: write it again with save_learned_optimizer()"
             ) from exc
+    return _rebuild(path, config, tensors, plugin_manager)
 
+
+def load_learned_optimizer_bytes(data: bytes, *, source: str, plugin_manager: Any = None) -> nn.Module:
+    """:func:`load_learned_optimizer` for the bytes of such a file (already read, and checked).
+
+    Args:
+        data: The whole file, as written by :func:`save_learned_optimizer`.
+        source: Where the bytes came from, for messages (a path, a resource).
+        plugin_manager: As for :func:`load_learned_optimizer`.
+
+    Raises:
+        WeightsError: As :func:`load_learned_optimizer`, naming ``source``.
+    """
+    config = read_learned_optimizer_config_bytes(data, source=source)
+    try:
+        tensors = safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"learned optimizer file {source} is not a readable safetensors file ({exc})") from exc
+    return _rebuild(Path(source), config, tensors, plugin_manager)
+
+
+def read_learned_optimizer_config_bytes(data: bytes, *, source: str) -> dict[str, Any]:
+    """:func:`read_learned_optimizer_config` for the bytes of a weights file (``source`` names it)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size]) if 0 < size <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise WeightsError(f"learned optimizer file {source} is not a readable safetensors file (bad header)")
+    metadata = header.get("__metadata__")
+    return _parse_config(Path(source), metadata if isinstance(metadata, dict) else {})
+
+
+def _rebuild(path: Path, config: Mapping[str, Any], tensors: dict[str, Tensor], plugin_manager: Any) -> nn.Module:
     recorded = config.get(_DIGEST_FIELD)
     if recorded is not None and tensors_digest(tensors) != recorded:
         raise WeightsError(

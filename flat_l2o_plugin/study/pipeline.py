@@ -164,7 +164,8 @@ class Study:
 
     # ------------------------------------------------------------------ 2-3. candidates
 
-    def _meta_job(self, candidate: Candidate, seed: int) -> Job:
+    def meta_job(self, candidate: Candidate, seed: int) -> Job:
+        """The job that meta-trains ``candidate`` with meta-seed ``seed`` (its key addresses the cache)."""
         regime = self.regime
         tasks = [list(regime.task(t)) for t in regime.trained_on(candidate)]
         args = {"optimizer": candidate.optimizer, "optimizer_options": candidate.options,
@@ -175,7 +176,7 @@ class Study:
 
     def meta_train(self, candidates: Sequence[Candidate], seeds: int, what: str) -> dict[str, list[str]]:
         """Meta-train ``candidates`` with meta-seeds ``0..seeds-1``; returns their job keys."""
-        jobs = {c.label: [self._meta_job(c, s) for s in range(seeds)] for c in candidates}
+        jobs = {c.label: [self.meta_job(c, s) for s in range(seeds)] for c in candidates}
         self._run([j for js in jobs.values() for j in js], what)
         return {label: [j.key for j in js] for label, js in jobs.items()}
 

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..protocols import Task
 from .seeds import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
 
-__all__ = ["FAMILIES", "TaskFamily", "TaskSpec", "conv_family", "create_family", "mlp_family"]
+__all__ = ["FAMILIES", "TaskFamily", "TaskSpec", "UniformTasks", "conv_family", "create_family", "mlp_family"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,37 @@ class TaskSpec:
     def architecture(self) -> tuple[str, str]:
         """``(task, options_json)``: everything but the seed."""
         return self.task, self.options_json
+
+
+class UniformTasks:
+    """A task sampler over a list of built tasks: each draw picks one uniformly, with a fresh init seed.
+
+    The meta-training distribution of a task family given as a list (several
+    architectures, several datasets), as ``flat-l2o meta-train`` with ``[[tasks]]`` and
+    :func:`~flat_l2o_plugin.training.experiment.meta_train` with ``tasks=`` use it. A
+    draw takes the task's index from the generator (nothing when there is one task, so
+    a single task's stream of seeds is that of a plain sampler), then an init seed from
+    ``[TRAIN_SEEDS_START, TRAIN_SEEDS_START + 10**6)``.
+
+    Args:
+        tasks: The built tasks, in the order their configuration lists them.
+
+    Raises:
+        ConfigError: ``tasks`` is empty.
+    """
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ConfigError("a task family needs at least one task")
+
+    def __call__(self, generator: torch.Generator) -> tuple[Task, int]:
+        index = int(torch.randint(0, len(self.tasks), (1,), generator=generator)) if len(self.tasks) > 1 else 0
+        return self.tasks[index], TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
+
+    def validation_tasks(self, count: int) -> list[tuple[Task, int]]:
+        """``count`` validation optimizees cycling through the tasks, seeds from ``VAL_SEEDS_START``."""
+        return [(self.tasks[i % len(self.tasks)], VAL_SEEDS_START + i) for i in range(count)]
 
 
 def _seed_range(field: str, value: Sequence[int]) -> range:

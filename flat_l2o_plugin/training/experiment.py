@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..tasks.families import UniformTasks
 # The seed partition belongs to the tasks; re-exported here, its former home.
 from ..tasks.seeds import EVAL_SEEDS_START, TRAIN_SEEDS_START, VAL_SEEDS_START
 from .seeding import seed_everything
@@ -57,7 +58,8 @@ def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, An
     optimizer with :func:`~flat_l2o_plugin.wrappers.wrap`, in meta-training as at test
     time. ``tasks``, when given, replaces ``task`` by a task family: each trajectory
     draws one of them uniformly (other architectures, other datasets), and validation
-    cycles through them. Meta-training init seeds are drawn from
+    cycles through them (:class:`~flat_l2o_plugin.tasks.families.UniformTasks`, the
+    sampler ``flat-l2o meta-train`` uses for ``[[tasks]]`` too). Meta-training init seeds are drawn from
     ``[TRAIN_SEEDS_START, ...)``; validation uses ``val_tasks`` optimizees with seeds
     from ``VAL_SEEDS_START`` and their ``val`` split.
     """
@@ -68,16 +70,10 @@ def meta_train(*, optimizer: str = "rnnprop", optimizer_options: Mapping[str, An
     from .meta_trainer import MetaTrainConfig, MetaTrainer
 
     model = _learned_optimizer(optimizer, optimizer_options, wrappers)
-    optimizees = [_task(spec) for spec in (tasks if tasks else [task])]
-
-    def sample(generator: torch.Generator):  # noqa: ANN202
-        # A single task draws nothing for its index, so its stream is unchanged.
-        index = int(torch.randint(0, len(optimizees), (1,), generator=generator)) if len(optimizees) > 1 else 0
-        return optimizees[index], TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
-
+    family = UniformTasks([_task(spec) for spec in (tasks if tasks else [task])])
     config = MetaTrainConfig(**{**dict(trainer or {}), "seed": seed})
-    runner = MetaTrainer(model, sample, flat=FlatL2O(dict(regularizers or {})), config=config,
-                         val_tasks=[(optimizees[i % len(optimizees)], VAL_SEEDS_START + i) for i in range(val_tasks)])
+    runner = MetaTrainer(model, family, flat=FlatL2O(dict(regularizers or {})), config=config,
+                         val_tasks=family.validation_tasks(val_tasks))
     result = runner.train()
     return {"optimizer": optimizer, "optimizer_options": dict(optimizer_options or {}),
             "wrappers": [dict(w) for w in wrappers or []], "seed": seed,

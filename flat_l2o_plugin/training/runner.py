@@ -5,12 +5,20 @@ registry, exactly as a user would::
 
     {"optimizer": {"name": "rnnprop", "options": {}},
      "task": {"name": "mlp_digits", "options": {}},
+     "tasks": [{"name": "mlp", "options": {}}, ...],                 # or a family (replaces task)
      "regularizers": {"hessian_top_eigenvalue": {"weight": 0.1}},   # the activation config
      "trainer": {"meta_steps": 200, "unroll": 20, ...},              # MetaTrainConfig fields
      "val_tasks": 3,                                                 # validation optimizees
      "wrappers": [{"name": "flatness_aware", ...}],                  # retrofit wrappers, innermost first
      "plugins": {"load": None, "disable": [], "strict": False},      # plugin control
      "threads": 1}                                                   # torch threads (optional)
+
+``tasks``, when present and not empty, is a task family: each trajectory draws one of
+them uniformly and validation cycles through them
+(:class:`~flat_l2o_plugin.tasks.families.UniformTasks`, as
+:func:`~flat_l2o_plugin.training.experiment.meta_train` does with ``tasks=``); ``task``
+is then ignored. An empty ``tasks`` is dropped, so a spec without a family is the spec
+it always was.
 
 This is the shape of :meth:`flat_l2o_plugin.config.Config.as_dict` (without ``run_dir``),
 which is how ``flat-l2o meta-train CONFIG`` calls it. The optimizer may instead be the
@@ -57,8 +65,7 @@ from torch import nn
 
 from .._atomic import write_atomically
 from ..errors import ConfigError, FlatL2OError
-from ..protocols import Task
-from ..tasks.seeds import TRAIN_SEEDS_START, VAL_SEEDS_START
+from ..tasks.families import UniformTasks
 from .checkpoint import Checkpoint, TrainingCheckpointError, checkpoint_dir
 from .distributed import init_distributed, shutdown_distributed
 from .meta_trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
@@ -100,7 +107,7 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(spec, Mapping):
         raise ConfigError(f"spec must be a JSON object, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - set(_DEFAULTS))
+    unknown = sorted(set(spec) - set(_DEFAULTS) - {"tasks"})
     if unknown:
         raise ConfigError(f"spec: unknown key(s) {unknown}; expected some of {sorted(_DEFAULTS)}")
     out = json.loads(json.dumps({**_DEFAULTS, **spec}))  # a deep, JSON-faithful copy
@@ -113,6 +120,17 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"spec.{part}.options must be an object, got {entry['options']!r}")
     if not isinstance(out["task"].get("name"), str):
         raise ConfigError(f"spec.task.name must be a registered task name, got {out['task'].get('name')!r}")
+    family = out.pop("tasks", [])
+    if not isinstance(family, list):
+        raise ConfigError(f"spec.tasks must be a list of {{\"name\": str, \"options\": {{...}}}} objects, got {family!r}")
+    for index, entry in enumerate(family):
+        if not isinstance(entry, dict) or set(entry) - {"name", "options"} or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"spec.tasks[{index}] must be an object with a task name and options, got {entry!r}")
+        entry.setdefault("options", {})
+        if not isinstance(entry["options"], dict):
+            raise ConfigError(f"spec.tasks[{index}].options must be an object, got {entry['options']!r}")
+    if family:
+        out["tasks"] = family  # absent when empty: a spec without a family is unchanged
     optimizer = out["optimizer"] = {"name": None, "module": None, "weights": None, "python_path": [],
                                     **out["optimizer"]}
     if (optimizer["module"] is None) == (optimizer["name"] is None):
@@ -131,16 +149,6 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"spec.threads must be an integer >= 1 or null, got {threads!r}")
     return out
-
-
-class _TrainSeeds:
-    """Samples one task with a fresh meta-training init seed from the slot's generator."""
-
-    def __init__(self, task: Task) -> None:
-        self.task = task
-
-    def __call__(self, generator: torch.Generator) -> tuple[Task, int]:
-        return self.task, TRAIN_SEEDS_START + int(torch.randint(0, 10**6, (1,), generator=generator))
 
 
 def _write_json_atomically(path: Path, value: Any) -> None:
@@ -279,14 +287,15 @@ def run_meta_training(spec: Mapping[str, Any], run_dir: str | os.PathLike[str], 
             factory = pm.component("optimizers", spec["optimizer"]["name"]).factory
             check_option_types(factory, spec["optimizer"]["options"], "spec.optimizer.options")
         model = build_optimizer(spec["optimizer"], pm)
-        optimizee = _build(pm, "tasks", "task", spec["task"])
+        family = UniformTasks([_build(pm, "tasks", f"tasks[{i}]", entry) for i, entry in enumerate(spec["tasks"])]
+                              if spec.get("tasks") else [_build(pm, "tasks", "task", spec["task"])])
         flat = FlatL2O(spec["regularizers"], plugin_manager=pm)
         learned = _stack(model, spec["optimizer"], spec["wrappers"], pm)
         for layer in unwrap(learned):
             if isinstance(layer, FlatnessAware):
                 layer.attach(flat)  # the reference host asks its facade; the wrapper answers
-        trainer = MetaTrainer(learned, _TrainSeeds(optimizee), flat=flat, config=config, run_dir=run_dir,
-                              val_tasks=[(optimizee, VAL_SEEDS_START + i) for i in range(spec["val_tasks"])],
+        trainer = MetaTrainer(learned, family, flat=flat, config=config, run_dir=run_dir,
+                              val_tasks=family.validation_tasks(spec["val_tasks"]),
                               distributed=context, run_config=run_config)
         with trainer.lock(create=not resume) as lock:
             if resume:

@@ -84,6 +84,11 @@ class SAMGradient(LearnedOptimizerWrapper):
             raise ConfigError(f"sam_gradient.adaptive must be true or false, got {adaptive!r}")
         self.rho, self.adaptive = float(rho), adaptive
 
+    @property
+    def needs_grad_fn(self) -> bool:  # type: ignore[override]
+        """The gradient at θ + ε comes from the host's oracle, unless ρ = 0."""
+        return self.rho != 0
+
     def extra_repr(self) -> str:
         return f"wrapping {type(self.inner).__name__}, rho={self.rho:g}" + (", adaptive" if self.adaptive else "")
 

@@ -170,6 +170,11 @@ class LearnedOptimizerWrapper(TransparentWrapper):
         ConfigError: If ``optimizer`` lacks ``init_state`` or ``step``.
     """
 
+    needs_grad_fn: bool = False
+    """True when :meth:`step` needs the host's gradient oracle (``grad_fn=`` or ``loss_fn=``):
+    hosts without one (``LearnedOptimizerTorch.step()`` without a closure) refuse such a
+    stack before they change anything."""
+
     def __init__(self, optimizer: nn.Module) -> None:
         missing = [m for m in ("init_state", "step") if not callable(getattr(optimizer, m, None))]
         if missing:

@@ -76,3 +76,17 @@ def test_train_py_flow_with_lookahead_derived_lr_checkpoints_and_resume(weights:
     last = refused.stderr.strip().splitlines()[-1]
     assert "OptimizerStateError" in last and "saved with another learned optimizer" in last
     assert "--no-resume-opt" in last and str(weights) in last and str(other) in last
+
+
+def test_train_py_flow_with_pretrained_names_and_no_opt_kwargs(tmp_path: Path) -> None:
+    """A shipped name trains with no --opt-kwargs; one that needs step(closure) stops with one clear line."""
+    common = ["--device-modules", REGISTER, "--lr", "1.0", "-b", "8", "--epochs", "1", "--steps-per-epoch", "2",
+              "--warmup-epochs", "0"]
+    result = _result(_run([*common, "--opt", "l2o-correction-adam", "--output", "adam"], tmp_path))
+    assert result["optimizer"] == "LearnedOptimizerTorch" and len(result["epochs"]) == 1
+    refused = _run([*common, "--opt", "l2o-correction-sam", "--output", "sam"], tmp_path)
+    assert refused.returncode != 0
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("flat_l2o_plugin.integrations.torch_optim.ClosureRequiredError: ")
+    assert "step(closure)" in last and "train.py" in last and "use a pre-trained optimizer that needs no closure: " \
+        "l2o-correction-adam" in last

@@ -65,3 +65,9 @@ def quick_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("gap-quick")
     results = run_study(load_regime(builtin_regime("gap"), quick=True), out, executor=LocalExecutor(1))
     return out, results
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_study):
+    """The tiny study under the name the card tests use."""
+    return tiny_study

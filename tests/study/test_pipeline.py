@@ -20,11 +20,6 @@ from flat_l2o_plugin.study.report import analyse, compact, write_report
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_study):
-    return tiny_study
-
-
 def test_every_row_runs_on_the_seeds_of_the_design(tiny):
     _, results, _ = tiny
     runs = results["runs"]
