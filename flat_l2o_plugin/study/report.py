@@ -354,6 +354,12 @@ def _flatness_section(a: Mapping[str, Any]) -> list[str]:
                            "Spearman(acc, λ)"], rows)
 
 
+def _job_hours(data: Mapping[str, Any]) -> float:
+    """Seconds of the held-out runs and the meta-training runs (grid searches record none)."""
+    seconds = [r.get("seconds") for r in data["runs"]] + [r.get("seconds") for r in data["meta_runs"]]
+    return sum(s for s in seconds if isinstance(s, (int, float)) and math.isfinite(s)) / 3600
+
+
 def _environment_section(data: Mapping[str, Any]) -> list[str]:
     env = data.get("environment", {})
     return ["", "## How it was run", "",
@@ -361,7 +367,9 @@ def _environment_section(data: Mapping[str, Any]) -> list[str]:
             f"{env.get('threads_per_job')} thread per job; Python {env.get('python')}, torch {env.get('torch')}, "
             f"numpy {env.get('numpy')}; {env.get('platform')}.",
             f"- Wall time {data.get('wall_seconds', math.nan) / 60:.1f} min, summed over the invocations that ran "
-            "it (a rerun finds finished jobs in the cache).",
+            "to their end (a rerun finds finished jobs in the cache; an interrupted invocation is not counted). "
+            f"Its held-out and meta-training jobs took {_job_hours(data):.1f} job-hours, each timed in its worker "
+            "(grid searches not counted).",
             f"- Budget: {json.dumps(data['budget'])}.", ""]
 
 
