@@ -281,7 +281,7 @@ class Executor:
         return [probe_cache(cache_dir, token)]
 
     def _run(self, jobs: list[Job], cache_dir: str, on_done: OnDone) -> list[JobFailure]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each engine runs its batch its own way
 
 
 class LocalExecutor(Executor):
