@@ -79,7 +79,7 @@ def test_cubic_error_is_exactly_half_a_step_of_the_third_derivative():
     loss_fn = lambda ps: (c * ps[0] ** 3).sum() / 6 + 0.5 * ps[0] @ a @ ps[0]  # noqa: E731
     params = _leaves([torch.randn(5, generator=g, dtype=DTYPE)])
     _, grads = gradient(loss_fn, params)
-    step = 1e-3 * (1 + float(norm(params)))
+    step = 1e-3 * (1 + float(norm([p.detach() for p in params])))
     out = gradient_difference(params, loss_fn, grads, _unit(params, 3), step)
     (u,) = out.direction
     s = float(norm([(params[0].detach() + step * u) - params[0].detach()]))
