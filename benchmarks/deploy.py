@@ -422,6 +422,16 @@ def parse_threads(text: str, parser: argparse.ArgumentParser) -> list[int]:
     return counts
 
 
+def plan(args: argparse.Namespace, cpus: int) -> tuple[list[int], dict[int, int], list[int], int, dict[str, Any]]:
+    """Sizes, rounds per size, thread counts, the target size and the end-to-end run's settings."""
+    if args.quick:
+        return ([10**4, 10**5], {10**4: 2, 10**5: 2}, [1], 10**5,
+                dict(model_name="resnet18", batch=2, resolution=32, steps=1, warmup=1))
+    return ([10**4, 10**5, 10**6, 10**7], {10**4: 15, 10**5: 9, 10**6: 7, 10**7: 3},
+            [1] + ([cpus] if cpus > 1 else []), 10**6,
+            dict(model_name=args.model, batch=32, resolution=args.resolution, steps=4, warmup=2))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke-test budget; numbers mean nothing")
@@ -439,16 +449,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     learned = {name: perturbed(name) for name in learned_names()}
     names = [*BASELINES, *learned]
     cpus = os.cpu_count() or 1
-    if args.quick:
-        sizes, rounds, thread_counts = [10**4, 10**5], {10**4: 2, 10**5: 2}, [1]
-        target_size, e2e = 10**5, dict(model_name="resnet18", batch=2, resolution=32, steps=1, warmup=1)
-    else:
-        sizes, rounds = [10**4, 10**5, 10**6, 10**7], {10**4: 15, 10**5: 9, 10**6: 7, 10**7: 3}
-        thread_counts = [1] + ([cpus] if cpus > 1 else [])
-        target_size = 10**6
+    sizes, rounds, thread_counts, target_size, e2e = plan(args, cpus)
     if args.threads:
         thread_counts = parse_threads(args.threads, parser)
-        e2e = dict(model_name=args.model, batch=32, resolution=args.resolution, steps=4, warmup=2)
     cpu = torch.device("cpu")
 
     print(f"[1/7] step time, {', '.join(names)}; sizes {sizes}, threads {thread_counts}", flush=True)

@@ -660,7 +660,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         before = [p.detach().clone() for p in active] if lr != 1.0 else []
         # Only the learned optimizer's own entries: another optimizer's (Lookahead's slow
         # weights) never reach it. step_ writes the tensors in place; a dtype change
-        # (a state_dict saved without state_dtype) replaces them, hence the update.
+        # (a state_dict saved without state_dtype) or step_'s own re-layout of a
+        # row-major matrix (on its first call) replaces them, hence the update.
         state = self._reduce_precision(self._own_state(params[0]))
         step_(targets, grads, state)
         self.state[params[0]].update(state)

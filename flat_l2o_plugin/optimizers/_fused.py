@@ -43,6 +43,7 @@ __all__ = [
     "Kernel",
     "compile_enabled",
     "elu",
+    "feature_major",
     "kernel",
     "inplace_step",
     "lstm_stack",
@@ -267,6 +268,10 @@ def param_slices(
     (views, so writing them writes the state), and ``commit()`` writes ``theta`` back
     into the parameter when it had to be copied.
 
+    A per-coordinate matrix (``(N, width)``, an LSTM's states, say) found stored row by
+    row is replaced in ``state``, once, by a copy stored feature by feature (see
+    :func:`feature_major`); from then on the kernels write it in place.
+
     Raises:
         FlatL2OError: A per-coordinate state entry does not have one row per coordinate.
     """
@@ -279,6 +284,7 @@ def param_slices(
                 f"{owner}.step_(): state[{key!r}] is {shape} but the params have {total} coordinates; "
                 f"build the state with {owner}.init_state(params)"
             )
+        state[key] = feature_major(value)
     offset = 0
     for p, g in zip(params, grads):
         n = p.numel()
@@ -291,6 +297,21 @@ def param_slices(
                 p.copy_(theta.view(p.shape))
 
         yield theta, g.reshape(-1), rows, commit
+
+
+def feature_major(value: Tensor) -> Tensor:
+    """``value`` with the same shape and entries, its columns contiguous (no copy if they are).
+
+    The kernels compute feature-major: one vector of coordinates per feature or hidden
+    unit. A row-major ``(N, width)`` state makes every block transpose on the way in and
+    out, which cost a quarter to a third of a recurrent optimizer's deployed step; with
+    the columns contiguous a block's rows are contiguous runs. Values are unchanged, so
+    the reference ``step`` (any layout) and checkpoints are unaffected, except that
+    safetensors wants ``.contiguous()`` copies, as for any transposed tensor.
+    """
+    if value.dim() != 2 or value.t().is_contiguous():
+        return value
+    return value.t().contiguous().t()
 
 
 def inplace_step(module: Any) -> Callable[..., None] | None:

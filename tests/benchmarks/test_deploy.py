@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -29,3 +30,17 @@ def test_deploy_quick_prints_every_optimizer_and_marks_every_target(tmp_path) ->
     assert any("end to end" in m["target"] for m in result["targets"])
     text = report.read_text()
     assert "Targets" in text and "bytes/param" in text and "GFLOP/s" in text
+
+
+def test_the_full_run_times_one_and_all_threads_and_runs_the_cnn_at_batch_32() -> None:
+    spec = importlib.util.spec_from_file_location("bench_deploy", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(quick=False, model="resnet50", resolution=160)
+    sizes, rounds, thread_counts, target_size, e2e = module.plan(args, cpus=4)
+    assert sizes == [10**4, 10**5, 10**6, 10**7] and set(rounds) == set(sizes)
+    assert thread_counts == [1, 4] and target_size == 10**6
+    assert e2e["model_name"] == "resnet50" and e2e["batch"] == 32 and e2e["resolution"] == 160
+    assert module.plan(args, cpus=1)[2] == [1]
+    quick = module.plan(argparse.Namespace(quick=True, model="resnet18", resolution=224), cpus=4)
+    assert quick[2] == [1] and quick[3] in quick[0]

@@ -177,3 +177,31 @@ def test_deployed_step_refuses_a_state_for_other_params(eager) -> None:
         state = opt.init_state([torch.zeros(5)])
         with pytest.raises(FlatL2OError, match=r"init_state\(params\)"):
             opt.step_([torch.zeros(6)], [torch.zeros(6)], state)
+
+
+@pytest.mark.parametrize("name", ["rnnprop", "l2o_dm", "l2o_scale"])
+def test_deployed_step_keeps_per_coordinate_matrices_feature_major(name) -> None:
+    """A row-major state (as ``init_state`` and the reference step build it) is re-laid
+    once, values intact, and then written in place; the steps match a state that
+    started feature-major bit for bit."""
+    opt = ZOO[name]()
+    params = [torch.randn(300, generator=torch.Generator().manual_seed(4)), torch.randn(7, 5)]
+    row_major = opt.init_state(params)
+    coordinates = sum(p.numel() for p in params)
+    matrices = [k for k, v in row_major.items() if v.dim() == 2 and v.shape[0] == coordinates and v.shape[1] > 1]
+    assert matrices and all(row_major[k].is_contiguous() for k in matrices)
+    feature_major = {k: v.t().contiguous().t() if k in matrices else v.clone() for k, v in row_major.items()}
+    a, b = [p.clone() for p in params], [p.clone() for p in params]
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        opt.step_(a, grads, row_major)
+        held = {k: row_major[k] for k in matrices}
+        opt.step_(b, grads, feature_major)
+        for k in matrices:
+            assert row_major[k].t().is_contiguous(), k
+            assert torch.equal(row_major[k], feature_major[k]), (step, k)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), step
+    opt.step_(a, grads, row_major)
+    assert all(row_major[k] is held[k] for k in matrices)  # no second copy
