@@ -10,6 +10,9 @@ as kernels that
 
 - keep each tensor's rows in blocks small enough for the cache (the LSTM gates of a
   block of coordinates never leave it),
+- compute feature-major, one vector of coordinates per feature or hidden unit, on
+  per-coordinate state stored the same way (:func:`feature_major`), so that no block
+  is transposed on its way in or out,
 - run compiled by ``torch.compile`` (inductor fuses a block's elementwise work, the
   feature computation and the state updates into a few loops), and fall back to the same
   kernels run eagerly when compilation is disabled (``FLAT_L2O_COMPILE=0``) or fails
