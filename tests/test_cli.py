@@ -156,7 +156,9 @@ def test_meta_train_ctrl_c_checkpoints_and_resumes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLAT_L2O_")}
     proc = subprocess.Popen([sys.executable, "-m", "flat_l2o_plugin", "meta-train", str(config), "--run-dir",
                              str(run_dir), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # As at a terminal: a suite started in the background inherits SIGINT ignored.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):

@@ -50,7 +50,15 @@ def _launch(spec_file: Path, run_dir: Path, resume: bool) -> subprocess.Popen:
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "flat_l2o_plugin.training.runner", str(spec_file), str(run_dir)]
     return subprocess.Popen(command + (["--resume"] if resume else []), cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """In the child: SIGINT raises KeyboardInterrupt, as at a terminal.
+
+    A suite started in the background (``cmd &`` in a script, ``nohup``) inherits SIGINT
+    ignored, and so would the run, which would then never see the interruption."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(process: subprocess.Popen, run_dir: Path, after_lines: int, delay: float, sig: int) -> str:
