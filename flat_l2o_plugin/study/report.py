@@ -402,7 +402,8 @@ def plot(data: Mapping[str, Any], analysis: Mapping[str, Any], path: Path) -> bo
     # A study run without flatness measures (budget.flatness = false) has nothing to put on a log axis.
     axes[2].set(title="test accuracy against the top Hessian eigenvalue (all tasks)", ylabel="%",
                 xscale="log" if measured else "linear")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # a study without saved curves draws none
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
