@@ -33,11 +33,16 @@ def test_regularizer_cost_quick(tmp_path):
     assert result["meta_iteration"]["mlp_digits"]["none"]["ratio"] == 1.0
     assert any(name.startswith("top eigenvalue to 1e-02: ours (lanczos)") for name in result["libraries"])
     assert "trace: ours (100 probes, batched)" in result["libraries"]
-    assert {t["met"] for t in result["targets"].values()} <= {True, False}
+    assert {t["verdict"] for t in result["targets"].values()} <= {"met", "not met", "undecided"}
     assert set(result["targets"]) == {"mlp_digits", "conv_digits"}
     assert "top: finite difference (default h)" in result["finite_difference"]["timm ViT"]["rows"]
     assert "hessian_top_eigenvalue (HVP)" in result["batch_norm"]["errors"]  # torch refuses its third derivative
     assert set(result["step_profile"]) == {"mlp_digits", "conv_digits"}
+    routes = result["third_order_routes"]
+    assert set(routes) == {"mlp_digits", "conv_digits", "timm ViT"}
+    # Forward-over-forward mode computes the same derivative as the HVP route.
+    assert routes["mlp_digits"]["accuracy"]["forward-over-forward (torch.func.jvp twice)"]["derivative_cosine"] > 0.999
+    assert set(result["conv_double_backward"]) == {"data needs no grad", "data needs grad", "the data's gradient alone"}
 
 
 @pytest.mark.slow
